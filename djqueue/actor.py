@@ -1,0 +1,211 @@
+"""Actors: functions that run in workers, and the @actor decorator."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from .brokers.base import validate_queue_name
+from .errors import ConfigurationError
+from .message import Message, current_millis
+
+if TYPE_CHECKING:
+    from .brokers.base import Broker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Options handled by Actor itself rather than by a middleware.
+CORE_OPTIONS = frozenset({"priority", "queue_name", "actor_name", "broker"})
+# Options that may be given per message but not per actor.
+MESSAGE_ONLY_OPTIONS = frozenset({"unique_key", "unique_ttl", "pipe_ignore", "pipe_target"})
+
+
+class Actor(Generic[P, R]):
+    """A function that can be run by workers. Built with ``@actor``."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        broker: Broker,
+        actor_name: str,
+        queue_name: str,
+        priority: int,
+        options: dict[str, Any],
+    ) -> None:
+        self.fn = fn
+        self.broker = broker
+        self.actor_name = actor_name
+        self.queue_name = validate_queue_name(queue_name)
+        self.priority = priority
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._signature: inspect.Signature | None = None
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", actor_name)
+        self.__module__ = getattr(fn, "__module__", None)  # type: ignore[assignment]
+        broker.declare_actor(self)
+
+    @property
+    def signature(self) -> inspect.Signature:
+        if self._signature is None:
+            self._signature = inspect.signature(self.fn)
+        return self._signature
+
+    def check_arguments(self, args: Any, kwargs: dict[str, Any]) -> str | None:
+        """Why ``args``/``kwargs`` cannot be passed to the function, or None if they can."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            return f"arguments do not match {self.actor_name}{self.signature}: {e}"
+        return None
+
+    def message(self, *args: P.args, **kwargs: P.kwargs) -> Message:
+        """An unsent message for this actor, e.g. for ``group`` or ``pipeline``."""
+        return self.message_with_options(args=args, kwargs=kwargs)
+
+    def message_with_options(
+        self, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> Message:
+        unknown = set(options) - self.broker.actor_options - CORE_OPTIONS - MESSAGE_ONLY_OPTIONS
+        unknown -= {"eta", "retries"}
+        if unknown:
+            raise ConfigurationError(
+                f"unknown message option(s) {', '.join(sorted(unknown))} for actor {self.actor_name}"
+            )
+        queue_name = options.pop("queue_name", self.queue_name)
+        if queue_name != self.queue_name:
+            validate_queue_name(queue_name)
+        priority = options.pop("priority", self.priority)
+        if priority:
+            options["priority"] = int(priority)
+        return Message(
+            queue_name=queue_name,
+            actor_name=self.actor_name,
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            options=options,
+        )
+
+    def send(self, *args: P.args, **kwargs: P.kwargs) -> Message:
+        """Enqueue a message for this actor; returns it (its ``message_id`` identifies the job)."""
+        return self.send_with_options(args=args, kwargs=kwargs)
+
+    def send_with_options(
+        self,
+        *,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: int | None = None,
+        eta: datetime | None = None,
+        **options: Any,
+    ) -> Message:
+        """Enqueue with per-message options. ``delay`` is in ms; ``eta`` an aware datetime."""
+        if eta is not None:
+            if delay is not None:
+                raise ConfigurationError("pass either delay= or eta=, not both")
+            if eta.tzinfo is None:
+                raise ConfigurationError("eta= must be an aware datetime (with tzinfo)")
+            delay = max(0, int(eta.timestamp() * 1000) - current_millis())
+        if delay is not None and (not isinstance(delay, int | float) or delay < 0):
+            raise ConfigurationError(f"delay= must be a number of milliseconds >= 0, not {delay!r}")
+        message = self.message_with_options(args=args, kwargs=kwargs, **options)
+        return self.broker.enqueue(message, delay=delay)
+
+    def send_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> Message:
+        """Enqueue when the current database transaction commits (at once outside one).
+
+        Returns the message at call time, so its id can be stored in the same transaction.
+        """
+        from django.db import transaction
+
+        message = self.message(*args, **kwargs)
+        transaction.on_commit(lambda: self.broker.enqueue(message))
+        return message
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here and now, as a plain call."""
+        if self.is_async:
+            from .middleware.asyncio import run_coroutine
+
+            return run_coroutine(self.fn(*args, **kwargs))  # type: ignore[arg-type]
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Actor({self.actor_name!r}, queue_name={self.queue_name!r})"
+
+
+@overload
+def actor(fn: Callable[P, R], /) -> Actor[P, R]: ...
+
+
+@overload
+def actor(
+    fn: None = None,
+    /,
+    *,
+    actor_name: str | None = None,
+    queue_name: str = "default",
+    priority: int = 0,
+    broker: Broker | None = None,
+    **options: Any,
+) -> Callable[[Callable[P, R]], Actor[P, R]]: ...
+
+
+def actor(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    actor_name: str | None = None,
+    queue_name: str = "default",
+    priority: int = 0,
+    broker: Broker | None = None,
+    **options: Any,
+) -> Actor[P, R] | Callable[[Callable[P, R]], Actor[P, R]]:
+    """Turn a function into an actor.
+
+    The actor's name defaults to the function's dotted path (``shop.tasks.send_receipt``),
+    which is also how crontabs and dead letters refer to it. Options (times in ms):
+    ``queue_name``, ``priority`` (higher runs first), ``max_retries``, ``min_backoff``,
+    ``max_backoff``, ``retry_when``, ``throws``, ``time_limit``, ``max_age``,
+    ``store_results``, ``on_success``, ``on_failure``, and those of any extra middleware.
+    """
+
+    def decorator(fn: Callable[P, R]) -> Actor[P, R]:
+        from .brokers import get_broker
+
+        target = broker or get_broker()
+        name = actor_name or f"{fn.__module__}.{fn.__qualname__}"
+        invalid = set(options) - target.actor_options
+        if invalid:
+            raise ConfigurationError(
+                f"@actor {name}: unknown option(s) {', '.join(sorted(invalid))}; "
+                f"known options: {', '.join(sorted(target.actor_options | {'queue_name', 'priority'}))}"
+            )
+        if not isinstance(priority, int):
+            raise ConfigurationError(f"@actor {name}: priority must be an int, not {priority!r}")
+        existing = target.actors.get(name)
+        if existing is not None and _origin(existing.fn) != _origin(fn):
+            raise ConfigurationError(
+                f"@actor {name}: an actor with this name is already registered "
+                f"({_origin(existing.fn)}); pass actor_name= to tell them apart"
+            )
+        return Actor(
+            fn,
+            broker=target,
+            actor_name=name,
+            queue_name=queue_name,
+            priority=priority,
+            options=options,
+        )
+
+    if fn is None:
+        return decorator
+    return decorator(fn)
+
+
+def _origin(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import logging
+from importlib import import_module
+from importlib.util import find_spec
+
+from django.apps import AppConfig, apps
+
+logger = logging.getLogger("djqueue")
+
+
+class DjqueueConfig(AppConfig):
+    name = "djqueue"
+    verbose_name = "Background jobs"
+    # Fixed here so the migrations do not depend on the project's DEFAULT_AUTO_FIELD.
+    default_auto_field = "django.db.models.BigAutoField"
+    startup_error: Exception | None = None
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401 - registers the system checks
+        from .brokers import get_broker
+        from .errors import ConfigurationError
+
+        try:
+            get_broker()
+        except (ConfigurationError, ImportError, ValueError, TypeError) as e:
+            # Reported by the djqueue.E00x checks, which every command runs before
+            # it starts; raising here would hide them behind a traceback.
+            self.startup_error = e
+            logger.error("djqueue broker not built: %s", e)
+            return
+        autodiscover()
+
+
+def autodiscover() -> list[str]:
+    """Import ``<app>.<TASKS_MODULE>`` for every installed app that has one.
+
+    An error raised while importing an existing tasks module propagates: a broken
+    tasks module must fail loudly at start-up, not leave actors silently missing.
+    """
+    from . import conf
+
+    module_name = conf.get("TASKS_MODULE")
+    found = []
+    for app_config in apps.get_app_configs():
+        dotted = f"{app_config.name}.{module_name}"
+        try:
+            spec = find_spec(dotted)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None:
+            continue
+        import_module(dotted)
+        found.append(dotted)
+    logger.debug("djqueue discovered tasks modules: %s", found)
+    return found

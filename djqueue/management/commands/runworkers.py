@@ -1,0 +1,99 @@
+"""python manage.py runworkers: start the worker processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from djqueue import __version__, conf
+from djqueue.brokers import get_broker
+from djqueue.supervisor import Supervisor, WorkerConfig, configure_logging
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = "Run djqueue worker processes (a supervisor plus N processes of T threads)."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--processes",
+            "-p",
+            type=_positive,
+            default=os.cpu_count() or 1,
+            help="worker processes (default: the number of CPUs)",
+        )
+        parser.add_argument(
+            "--threads", "-t", type=_positive, default=8, help="threads per process (default 8)"
+        )
+        parser.add_argument(
+            "--queues",
+            "-Q",
+            nargs="+",
+            metavar="QUEUE",
+            help="queues to consume (default: every queue an actor uses)",
+        )
+        parser.add_argument(
+            "--watch", action="store_true", help="restart the workers when a .py file changes"
+        )
+        parser.add_argument("--pid-file", metavar="PATH", help="write the supervisor's pid here")
+        parser.add_argument("--log-file", metavar="PATH", help="log here instead of to stderr")
+        parser.add_argument(
+            "--shutdown-timeout",
+            type=_positive,
+            default=None,
+            metavar="MS",
+            help="how long running messages may take to finish on stop "
+            "(ms; default DJQUEUE['SHUTDOWN_TIMEOUT'])",
+        )
+        parser.add_argument(
+            "--prefetch",
+            type=_positive,
+            default=None,
+            help="unacked messages per queue and process (default: threads x 2)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        broker = get_broker()
+        queues = options["queues"]
+        declared = broker.get_declared_queues()
+        if queues:
+            unknown = sorted(set(queues) - declared)
+            if unknown:
+                self.stderr.write(f"warning: no actor uses queue(s) {', '.join(unknown)} in this project")
+        if not (queues or declared):
+            raise CommandError(
+                "no queues to consume: no @actor was found. Define actors in your apps' "
+                f"{conf.get('TASKS_MODULE')}.py modules or pass --queues."
+            )
+        config = WorkerConfig(
+            threads=options["threads"],
+            queues=queues,
+            shutdown_timeout=options["shutdown_timeout"] or conf.get("SHUTDOWN_TIMEOUT"),
+            log_file=options["log_file"],
+            log_level="DEBUG" if options["verbosity"] >= 3 else "INFO",
+            prefetch=options["prefetch"],
+        )
+        configure_logging(config.log_file, config.log_level)
+        watch = [Path.cwd()] if options["watch"] else None
+        self.stdout.write(
+            f"djqueue {__version__} | broker {broker.describe()} | "
+            f"queues {', '.join(sorted(queues or declared))} | {len(broker.actors)} actors | "
+            f"{options['processes']} processes x {options['threads']} threads | pid {os.getpid()}"
+            + (" | watching for code changes" if watch else "")
+        )
+        self.stdout.flush()
+        supervisor = Supervisor(
+            config, processes=options["processes"], pid_file=options["pid_file"], watch=watch
+        )
+        code = supervisor.run()
+        if code:
+            raise SystemExit(code)

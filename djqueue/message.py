@@ -1,0 +1,144 @@
+"""Messages: what is sent to a broker, and what a worker hands to an actor."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .encoder import get_encoder
+from .errors import DecodeError
+
+if TYPE_CHECKING:
+    from .composition import pipeline
+
+
+def generate_unique_id() -> str:
+    return str(uuid.uuid4())
+
+
+def current_millis() -> int:
+    return int(time.time() * 1000)
+
+
+_FIELDS = ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
+
+
+@dataclass(slots=True)
+class Message:
+    """One job: which actor to run, with which arguments.
+
+    ``options`` carries per-message settings (``priority``, ``eta`` in ms since the
+    epoch, ``retries`` done so far, ``max_retries``, ...) and anything a middleware
+    needs to travel with the message.
+    """
+
+    queue_name: str
+    actor_name: str
+    args: tuple[Any, ...] | list[Any]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+    message_id: str = field(default_factory=generate_unique_id)
+    message_timestamp: int = field(default_factory=current_millis)
+
+    def asdict(self) -> dict[str, Any]:
+        return {
+            "queue_name": self.queue_name,
+            "actor_name": self.actor_name,
+            "args": list(self.args),
+            "kwargs": self.kwargs,
+            "options": self.options,
+            "message_id": self.message_id,
+            "message_timestamp": self.message_timestamp,
+        }
+
+    def encode(self) -> bytes:
+        return get_encoder().encode(self.asdict())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Message:
+        """Decode and validate bytes from the wire; raises DecodeError saying what is wrong."""
+        return cls.from_dict(get_encoder().decode(data), data)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any], data: bytes | None = None) -> Message:
+        missing = [name for name in ("queue_name", "actor_name", "message_id") if name not in value]
+        if missing:
+            raise DecodeError(f"message is missing the field(s) {', '.join(missing)}", data)
+        unknown = set(value) - set(_FIELDS)
+        if unknown:
+            raise DecodeError(f"message has unknown field(s) {', '.join(sorted(unknown))}", data)
+        checks = (
+            ("queue_name", str),
+            ("actor_name", str),
+            ("message_id", str),
+            ("args", list),
+            ("kwargs", dict),
+            ("options", dict),
+            ("message_timestamp", int),
+        )
+        for name, kind in checks:
+            if name in value and not isinstance(value[name], kind):
+                raise DecodeError(
+                    f"message field {name!r} must be {kind.__name__}, not {type(value[name]).__name__}",
+                    data,
+                )
+        return cls(
+            queue_name=value["queue_name"],
+            actor_name=value["actor_name"],
+            args=tuple(value.get("args", ())),
+            kwargs=value.get("kwargs", {}),
+            options=value.get("options", {}),
+            message_id=value["message_id"],
+            message_timestamp=value.get("message_timestamp", 0),
+        )
+
+    def copy(self, **attributes: Any) -> Message:
+        """A copy with some attributes replaced; ``options`` is merged, not replaced."""
+        updated = self.asdict()
+        options = attributes.pop("options", None)
+        updated["options"] = {**self.options, **(options or {})}
+        updated.update(attributes)
+        updated["args"] = tuple(updated["args"])
+        return Message(**updated)
+
+    @property
+    def priority(self) -> int:
+        return int(self.options.get("priority", 0))
+
+    @property
+    def eta(self) -> int | None:
+        """When the message becomes due, in ms since the epoch (None: now)."""
+        return self.options.get("eta")
+
+    @property
+    def retries(self) -> int:
+        return int(self.options.get("retries", 0))
+
+    def get_result(self, *, block: bool = False, timeout: int | None = None) -> Any:
+        """The actor's return value. ``timeout`` is in ms (default 10,000 when blocking).
+
+        Raises ResultMissing, ResultTimeout or ResultFailure.
+        """
+        from .results import get_result_backend
+
+        return get_result_backend().get_result(self, block=block, timeout=timeout)
+
+    def cancel(self) -> bool:
+        """Remove this message from its queue before it starts; True if it was found."""
+        from .brokers import get_broker
+
+        return get_broker().cancel(self.message_id, queue_name=self.queue_name)
+
+    def __or__(self, other: Message | pipeline) -> pipeline:
+        from .composition import pipeline
+
+        return pipeline([self, other])
+
+    def __str__(self) -> str:
+        params = ", ".join(repr(arg) for arg in self.args)
+        if self.kwargs:
+            params += ", " if params else ""
+            params += ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.actor_name}({params})"

@@ -1,0 +1,63 @@
+"""DeadLetters: write a DeadLetter row for every message that fails for good."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from .base import Middleware
+
+logger = logging.getLogger("djqueue.dead_letters")
+
+
+def exception_fields(message: Any) -> tuple[str, str]:
+    """(exception type, exception message) for a failed message, for rows and results."""
+    exception = message.exception
+    if message.decode_error is not None:
+        return "DecodeError", message.reason or str(message.decode_error)
+    if exception is None:
+        kind = "UnknownActor" if message.reason and message.reason.startswith("unknown actor") else "Failed"
+        return kind, message.reason or ""
+    if message.reason and message.reason.startswith("arguments do not match"):
+        return "ArgumentsMismatch", message.reason
+    return type(exception).__qualname__, str(exception)
+
+
+class DeadLetters(Middleware):
+    """Runs before the broker's nack, so a row exists before the message leaves the
+    queue; if the process dies in between, redelivery updates the same row."""
+
+    def before_nack(self, broker: Any, message: Any) -> None:
+        from ..models import DeadLetter
+
+        exception_type, exception_message = exception_fields(message)
+        data = message.message.asdict()
+        raw = ""
+        if message.decode_error is not None and message.data is not None:
+            raw = bytes(message.data).decode("utf-8", errors="replace")
+            data = {}
+        if message.reason and message.exception is not None and message.reason not in exception_message:
+            exception_message = (
+                f"{exception_message}\n({message.reason})" if exception_message else message.reason
+            )
+        timestamp = message.message.message_timestamp
+        enqueued_at = dt.datetime.fromtimestamp(timestamp / 1000, tz=dt.UTC) if timestamp else None
+        DeadLetter.objects.update_or_create(
+            message_id=message.message_id,
+            defaults={
+                "queue_name": message.queue_name,
+                "actor_name": message.actor_name,
+                "message": data,
+                "raw_payload": raw,
+                "args": list(message.args),
+                "kwargs": message.kwargs,
+                "options": message.options,
+                "exception_type": exception_type[:255],
+                "exception_message": exception_message,
+                "traceback": message.traceback or "",
+                "retries": message.retries,
+                "enqueued_at": enqueued_at,
+                "status": DeadLetter.Status.DEAD,
+            },
+        )

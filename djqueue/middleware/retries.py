@@ -1,0 +1,93 @@
+"""Retries: re-enqueue a failed message with exponential backoff, or give it up."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from ..errors import Retry
+from .base import Middleware
+
+logger = logging.getLogger("djqueue.retries")
+
+DEFAULT_MAX_RETRIES = 20
+DEFAULT_MIN_BACKOFF = 15_000
+DEFAULT_MAX_BACKOFF = 604_800_000
+
+
+def compute_backoff(retries: int, *, min_backoff: int, max_backoff: int, jitter: bool = True) -> int:
+    """The delay (ms) before retry number ``retries + 1``: doubling from ``min_backoff``,
+    capped at ``max_backoff``, with jitter over the upper half so that a burst of
+    failures does not come back as a burst."""
+    backoff = min(min_backoff * 2 ** min(retries, 62), max_backoff)
+    if jitter:
+        backoff = backoff // 2 + random.randint(0, backoff - backoff // 2)
+    return max(int(backoff), 0)
+
+
+class Retries(Middleware):
+    """Retries a message whose actor raised, up to ``max_retries`` times.
+
+    Actor options: ``max_retries`` (default 20), ``min_backoff`` (15 s) and
+    ``max_backoff`` (7 days), in ms; ``retry_when(retries, exception) -> bool`` to decide
+    per failure; ``throws``, exception classes that are dead-lettered at once. Raising
+    ``Retry(delay=ms)`` retries after that delay.
+    """
+
+    actor_options = frozenset({"max_retries", "min_backoff", "max_backoff", "retry_when", "throws"})
+
+    def __init__(
+        self,
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        min_backoff: int = DEFAULT_MIN_BACKOFF,
+        max_backoff: int = DEFAULT_MAX_BACKOFF,
+    ) -> None:
+        self.max_retries = max_retries
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        if exception is None or message.failed:
+            return
+        actor = broker.actors.get(message.actor_name)
+        actor_options = actor.options if actor is not None else {}
+
+        def option(name: str, default: Any) -> Any:
+            value = message.options.get(name)
+            return value if value is not None else actor_options.get(name, default)
+
+        retries = message.retries
+        from .shutdown import Shutdown
+
+        if isinstance(exception, Shutdown):
+            # Not the job's fault: put it back without spending a retry.
+            broker.enqueue(message.message.copy(options={"eta": None}))
+            return
+        throws = actor_options.get("throws") or ()
+        if throws and isinstance(exception, throws):
+            message.fail(f"{type(exception).__name__} is in the actor's throws=, not retried")
+            return
+        retry_when = actor_options.get("retry_when")
+        max_retries = option("max_retries", self.max_retries)
+        if retry_when is not None:
+            if not retry_when(retries, exception):
+                message.fail(f"retry_when declined retry {retries + 1}: {exception!r}")
+                return
+        elif retries >= max_retries:
+            message.fail(f"gave up after {retries} retries: {exception!r}")
+            return
+
+        if isinstance(exception, Retry) and exception.delay is not None:
+            delay = int(exception.delay)
+        else:
+            delay = compute_backoff(
+                retries,
+                min_backoff=option("min_backoff", self.min_backoff),
+                max_backoff=option("max_backoff", self.max_backoff),
+            )
+        logger.info("retrying %s in %d ms (retry %d)", message.message_id, delay, retries + 1)
+        broker.enqueue(message.message.copy(options={"retries": retries + 1, "eta": None}), delay=delay)

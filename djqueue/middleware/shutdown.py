@@ -1,0 +1,47 @@
+"""ShutdownNotifications: tell long-running actors that the worker is stopping."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..errors import DjqueueError
+from .base import Middleware
+from .time_limit import raise_in_thread
+
+
+class Shutdown(DjqueueError):
+    """Raised inside an actor with ``notify_shutdown=True`` when its worker stops.
+
+    The message is retried without counting against ``max_retries``.
+    """
+
+
+class ShutdownNotifications(Middleware):
+    actor_options = frozenset({"notify_shutdown"})
+
+    def __init__(self, *, notify_shutdown: bool = False) -> None:
+        self.notify_shutdown = notify_shutdown
+        self._running: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _wants(self, broker: Any, message: Any) -> bool:
+        actor = broker.actors.get(message.actor_name)
+        value = actor.options.get("notify_shutdown") if actor is not None else None
+        return self.notify_shutdown if value is None else bool(value)
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        if self._wants(broker, message):
+            with self._lock:
+                self._running[threading.get_ident()] = message
+
+    def after_process_message(self, broker: Any, message: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+
+    after_skip_message = after_process_message  # type: ignore[assignment]
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        with self._lock:
+            for thread_id in list(self._running):
+                raise_in_thread(thread_id, Shutdown)

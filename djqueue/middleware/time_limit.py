@@ -1,0 +1,87 @@
+"""TimeLimit: raise TimeLimitExceeded inside an actor that runs too long."""
+
+from __future__ import annotations
+
+import ctypes
+import heapq
+import logging
+import threading
+import time
+from typing import Any
+
+from ..errors import TimeLimitExceeded
+from .base import Middleware
+
+logger = logging.getLogger("djqueue.time_limit")
+
+DEFAULT_TIME_LIMIT = 600_000
+
+
+def raise_in_thread(thread_id: int, exception: type[BaseException]) -> bool:
+    """Schedule ``exception`` in another thread; it is raised at its next bytecode.
+
+    A thread blocked inside C code (a socket read, ``time.sleep``) sees it when that
+    call returns, so a time limit is enforced for Python code, not inside C calls.
+    """
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
+    return done == 1
+
+
+class TimeLimit(Middleware):
+    """Actor option ``time_limit`` (ms, default 10 minutes). One monitor thread per
+    process sleeps until the earliest deadline; there is no polling."""
+
+    actor_options = frozenset({"time_limit"})
+
+    def __init__(self, *, time_limit: int = DEFAULT_TIME_LIMIT) -> None:
+        self.time_limit = time_limit
+        self._deadlines: dict[int, tuple[float, str]] = {}  # thread id -> (deadline, message id)
+        self._heap: list[tuple[float, int, str]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def _limit_for(self, broker: Any, message: Any) -> int | None:
+        value = message.options.get("time_limit")
+        if value is None:
+            actor = broker.actors.get(message.actor_name)
+            value = actor.options.get("time_limit") if actor is not None else None
+        return self.time_limit if value is None else value
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        limit = self._limit_for(broker, message)
+        if not limit:
+            return
+        deadline = time.monotonic() + limit / 1000
+        thread_id = threading.get_ident()
+        with self._cond:
+            self._deadlines[thread_id] = (deadline, message.message_id)
+            heapq.heappush(self._heap, (deadline, thread_id, message.message_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._monitor, name="djqueue-time-limit", daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == thread_id:
+                self._cond.notify()
+
+    def after_process_message(self, broker: Any, message: Any, **kwargs: Any) -> None:
+        with self._cond:
+            self._deadlines.pop(threading.get_ident(), None)
+
+    after_skip_message = after_process_message  # type: ignore[assignment]
+
+    def _monitor(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    deadline, thread_id, message_id = heapq.heappop(self._heap)
+                    if self._deadlines.get(thread_id) == (deadline, message_id):
+                        del self._deadlines[thread_id]
+                        logger.warning("message %s exceeded its time limit", message_id)
+                        raise_in_thread(thread_id, TimeLimitExceeded)
+                # Entries of finished messages stay in the heap until they are due;
+                # drop them when the heap is mostly stale so it stays small.
+                if len(self._heap) > 64 and len(self._heap) > 4 * len(self._deadlines):
+                    self._heap = [(d, t, m) for d, t, m in self._heap if self._deadlines.get(t) == (d, m)]
+                    heapq.heapify(self._heap)
+                timeout = self._heap[0][0] - now if self._heap else None
+                self._cond.wait(timeout)

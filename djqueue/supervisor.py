@@ -1,0 +1,300 @@
+"""runworkers' parent process: starts, watches, restarts and signals worker processes.
+
+Signals: SIGTERM or SIGINT stops gracefully (workers stop fetching, finish or give
+back the messages in hand, and the supervisor exits 0); a second one forces (workers
+are killed; their unacked messages are redelivered by the broker). SIGHUP restarts
+the workers gracefully. A worker process that dies is restarted, with a growing
+delay if it keeps dying at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("djqueue.supervisor")
+
+# Exit codes of a worker process.
+EXIT_OK = 0
+EXIT_FORCED = 2
+EXIT_BOOT_FAILED = 3
+
+
+@dataclass
+class WorkerConfig:
+    """What every worker process is started with. Times in ms."""
+
+    threads: int = 8
+    queues: list[str] | None = None
+    shutdown_timeout: int = 30_000
+    log_file: str | None = None
+    log_level: str = "INFO"
+    prefetch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def configure_logging(log_file: str | None, level: str) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(asctime)s] [PID %(process)d] [%(threadName)s] %(levelname)s %(name)s: %(message)s"
+        )
+    )
+    root = logging.getLogger("djqueue")
+    root.handlers = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def worker_process_main(config: WorkerConfig, index: int) -> None:
+    """Entry point of one worker process (started with the 'spawn' method)."""
+    # The supervisor forwards SIGTERM on Ctrl-C; ignoring SIGINT here keeps a terminal's
+    # Ctrl-C, which reaches the whole process group, from counting as a second signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(EXIT_FORCED)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        import django
+
+        django.setup()
+        configure_logging(config.log_file, config.log_level)
+        from .brokers import get_broker
+        from .worker import Worker
+
+        broker = get_broker()
+        worker = Worker(broker, queues=config.queues, worker_threads=config.threads, prefetch=config.prefetch)
+        worker.start()
+    except Exception:
+        logging.getLogger("djqueue.worker").exception("worker process %d failed to boot", index)
+        sys.exit(EXIT_BOOT_FAILED)
+    parent = os.getppid()
+    logging.getLogger("djqueue.worker").info("worker process %d started (pid %d)", index, os.getpid())
+    # Wake once a second to notice an orphaning (the supervisor was SIGKILLed).
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            logging.getLogger("djqueue.worker").warning("supervisor is gone; stopping")
+            break
+    worker.stop(timeout=config.shutdown_timeout)
+    broker.close()
+    sys.exit(EXIT_OK)
+
+
+class _Child:
+    def __init__(self, index: int, process: multiprocessing.process.BaseProcess) -> None:
+        self.index = index
+        self.process = process
+        self.started_at = time.monotonic()
+
+
+class Supervisor:
+    """Runs ``processes`` worker processes and keeps them running."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        processes: int,
+        pid_file: str | None = None,
+        watch: list[Path] | None = None,
+        extra_processes: list[tuple[str, Callable[..., None], tuple[Any, ...]]] | None = None,
+    ) -> None:
+        self.config = config
+        self.processes = processes
+        self.pid_file = pid_file
+        self.watch = watch
+        self.extra_processes = extra_processes or []
+        self.context = multiprocessing.get_context("spawn")
+        self.children: dict[int, _Child] = {}
+        self.extra_children: dict[str, multiprocessing.process.BaseProcess] = {}
+        self.failures: dict[int, int] = {}
+        self.signals: list[int] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # -- processes ------------------------------------------------------------------
+
+    def _start(self, index: int) -> None:
+        process = self.context.Process(
+            target=worker_process_main,
+            args=(self.config, index),
+            name=f"djqueue-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        self.children[index] = _Child(index, process)
+
+    def _start_extra(self, name: str, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+        process = self.context.Process(target=target, args=args, name=f"djqueue-{name}", daemon=False)
+        process.start()
+        self.extra_children[name] = process
+
+    def _all_processes(self) -> list[multiprocessing.process.BaseProcess]:
+        return [c.process for c in self.children.values()] + list(self.extra_children.values())
+
+    def _signal_all(self, signum: int) -> None:
+        for process in self._all_processes():
+            if process.pid is not None and process.is_alive():
+                try:
+                    os.kill(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _wait_all(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for process in self._all_processes():
+            process.join(max(0.0, deadline - time.monotonic()))
+        return not any(p.is_alive() for p in self._all_processes())
+
+    # -- signals --------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _install_signals(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        if self.pid_file:
+            Path(self.pid_file).write_text(f"{os.getpid()}\n")
+        try:
+            return self._run()
+        finally:
+            if self.pid_file:
+                try:
+                    os.unlink(self.pid_file)
+                except FileNotFoundError:
+                    pass
+
+    def _run(self) -> int:
+        for index in range(self.processes):
+            self._start(index)
+        for name, target, args in self.extra_processes:
+            self._start_extra(name, target, args)
+        snapshot = _snapshot(self.watch) if self.watch else None
+        last_scan = time.monotonic()
+        while True:
+            sentinels = [p.sentinel for p in self._all_processes()]
+            wait([*sentinels, self._wake_r], timeout=1.0)
+            try:
+                while self._wake_r.recv(64):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    return self._shutdown()
+                if signum == signal.SIGHUP:
+                    logger.info("SIGHUP: restarting worker processes")
+                    self._restart_all()
+            self._reap()
+            if snapshot is not None and time.monotonic() - last_scan >= 1.0:
+                last_scan = time.monotonic()
+                current = _snapshot(self.watch)
+                if current != snapshot:
+                    snapshot = current
+                    logger.info("code changed: restarting worker processes")
+                    self._restart_all()
+
+    def _reap(self) -> None:
+        for index, child in list(self.children.items()):
+            if child.process.is_alive():
+                continue
+            code = child.process.exitcode
+            lived = time.monotonic() - child.started_at
+            self.failures[index] = self.failures.get(index, 0) + 1 if lived < 5 else 0
+            delay = min(0.5 * 2 ** max(self.failures[index] - 1, 0), 30.0) if self.failures[index] else 0.0
+            logger.error(
+                "worker process %d (pid %s) exited with %s; restarting", index, child.process.pid, code
+            )
+            child.process.close()
+            if delay:
+                time.sleep(delay)
+            self._start(index)
+        for name, process in list(self.extra_children.items()):
+            if not process.is_alive():
+                logger.error("%s process exited with %s; restarting", name, process.exitcode)
+                target, args = next((t, a) for n, t, a in self.extra_processes if n == name)
+                process.close()
+                self._start_extra(name, target, args)
+
+    def _restart_all(self) -> None:
+        self._signal_all(signal.SIGTERM)
+        timeout = self.config.shutdown_timeout / 1000 + 5
+        if not self._wait_all(timeout):
+            self._signal_all(signal.SIGKILL)
+            self._wait_all(5)
+        for child in self.children.values():
+            child.process.close()
+        for process in self.extra_children.values():
+            process.close()
+        self.children.clear()
+        self.extra_children.clear()
+        for index in range(self.processes):
+            self._start(index)
+        for name, target, args in self.extra_processes:
+            self._start_extra(name, target, args)
+
+    def _shutdown(self) -> int:
+        logger.info("stopping worker processes (a second SIGTERM/SIGINT forces)")
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_timeout / 1000 + 5
+        while time.monotonic() < deadline:
+            if not any(p.is_alive() for p in self._all_processes()):
+                return 0
+            wait([*(p.sentinel for p in self._all_processes() if p.is_alive()), self._wake_r], timeout=0.5)
+            if self.signals and any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
+                logger.warning("forced stop: killing worker processes")
+                self._signal_all(signal.SIGKILL)
+                self._wait_all(5)
+                return 1
+        logger.warning("worker processes did not stop in time; killing them")
+        self._signal_all(signal.SIGKILL)
+        self._wait_all(5)
+        return 1
+
+
+_IGNORED_DIRS = {".git", "__pycache__", "node_modules", ".tox", ".venv", "venv", ".mypy_cache", ".ruff_cache"}
+
+
+def _snapshot(roots: list[Path] | None) -> dict[str, float]:
+    """Modification times of the Python files under ``roots``, for --watch."""
+    mtimes: dict[str, float] = {}
+    for root in roots or []:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in _IGNORED_DIRS]
+            for name in filenames:
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    try:
+                        mtimes[path] = os.stat(path).st_mtime
+                    except FileNotFoundError:
+                        pass
+    return mtimes

@@ -1,0 +1,246 @@
+"""One worker process: consumer threads that fetch, worker threads that run actors.
+
+The worker knows only the broker contract (brokers/base.py) and the middleware hooks;
+retries, time limits, results and dead letters are all middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .brokers.base import Broker, Consumer, MessageProxy
+from .errors import SkipMessage
+
+logger = logging.getLogger("djqueue.worker")
+
+_STOP = object()
+
+
+class Worker:
+    """Consumes ``queues`` (default: every declared queue) with ``worker_threads`` threads.
+
+    ``prefetch`` bounds the unacked messages each queue's consumer holds (default:
+    twice the thread count). ``worker_timeout`` (ms) is how long a blocked consumer
+    waits before checking whether it should stop.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        queues: Iterable[str] | None = None,
+        worker_threads: int = 8,
+        worker_timeout: int = 1000,
+        prefetch: int | None = None,
+    ) -> None:
+        self.broker = broker
+        self.queues = set(queues) if queues else None
+        self.worker_threads = worker_threads
+        self.worker_timeout = worker_timeout
+        self.prefetch = prefetch or worker_threads * 2
+        self.work_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.consumers: dict[str, _ConsumerThread] = {}
+        self.workers: list[_WorkerThread] = []
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.broker.emit_before("worker_boot", self)
+        queue_names = self.queues or self.broker.get_declared_queues()
+        for queue_name in sorted(queue_names):
+            self.broker.declare_queue(queue_name)
+            thread = _ConsumerThread(self, queue_name)
+            thread.start()
+            self.consumers[queue_name] = thread
+        for _ in range(self.worker_threads):
+            thread = _WorkerThread(self)
+            thread.start()
+            self.workers.append(thread)
+        self.broker.emit_after("worker_boot", self)
+
+    def stop(self, timeout: int = 30_000) -> None:
+        """Stop gracefully: stop fetching, give unstarted messages back, let running
+        actors finish for up to ``timeout`` ms, then give back what is still running."""
+        logger.info("worker stopping; waiting up to %d ms for running messages", timeout)
+        self.broker.emit_before("worker_shutdown", self)
+        deadline = time.monotonic() + timeout / 1000
+        self.stopping.set()
+        for consumer in self.consumers.values():
+            consumer.stop_fetching.set()
+        for consumer in self.consumers.values():
+            consumer.fetching_stopped.wait(max(0.0, deadline - time.monotonic()))
+        self._requeue_unstarted()
+        for _ in self.workers:
+            self.work_queue.put(_STOP)
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        abandoned = [w.current for w in self.workers if w.is_alive() and w.current is not None]
+        for consumer_thread, proxy in abandoned:
+            logger.warning("message %s did not finish in time; giving it back", proxy.message_id)
+            _safe(consumer_thread.consumer.requeue, [proxy])
+        self._requeue_unstarted()
+        for consumer in self.consumers.values():
+            consumer.close_now.set()
+        for consumer in self.consumers.values():
+            consumer.join(max(0.5, deadline - time.monotonic()))
+        self.broker.emit_after("worker_shutdown", self)
+
+    def _requeue_unstarted(self) -> None:
+        pending: dict[_ConsumerThread, list[MessageProxy]] = {}
+        while True:
+            try:
+                item = self.work_queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                continue
+            consumer_thread, proxy = item
+            pending.setdefault(consumer_thread, []).append(proxy)
+        for consumer_thread, proxies in pending.items():
+            _safe(consumer_thread.consumer.requeue, proxies)
+
+    def join(self, timeout: int | None = None) -> None:
+        """Wait until every consumed queue is empty and nothing is running (for tests).
+
+        Raises TimeoutError after ``timeout`` ms.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        while True:
+            for queue_name in self.consumers:
+                remaining = None if deadline is None else int((deadline - time.monotonic()) * 1000)
+                self.broker.join(queue_name, timeout=remaining)
+            idle = self.work_queue.empty() and all(w.current is None for w in self.workers)
+            # A retry may have been enqueued while we looked: look once more.
+            if idle and all(self.broker.get_queue_stats(q)[:3] == (0, 0, 0) for q in self.consumers):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"worker still busy after {timeout} ms")
+            time.sleep(0.01)
+
+    def process_message(self, consumer_thread: _ConsumerThread, proxy: MessageProxy) -> None:
+        broker = self.broker
+        actor = None
+        try:
+            if proxy.decode_error is None:
+                actor = broker.actors.get(proxy.message.actor_name)
+                if actor is None:
+                    proxy.fail(
+                        f"unknown actor {proxy.message.actor_name!r}: no @actor with this name "
+                        "is registered in this worker"
+                    )
+                else:
+                    broker.emit_before("process_message", proxy)
+                    message = proxy.message
+                    result = actor(*message.args, **message.kwargs)
+                    proxy.result = result
+                    broker.emit_after("process_message", proxy, result=result)
+        except SkipMessage:
+            broker.emit_after("skip_message", proxy)
+        except BaseException as e:
+            if isinstance(e, TypeError) and actor is not None:
+                reason = actor.check_arguments(proxy.message.args, proxy.message.kwargs)
+                if reason is not None:
+                    proxy.fail(reason)
+            proxy.stuff_exception(e)
+            if not proxy.failed:
+                logger.warning("%s failed: %r", proxy.message, e, exc_info=logger.isEnabledFor(logging.DEBUG))
+            broker.emit_after("process_message", proxy, exception=e)
+        self.settle(consumer_thread.consumer, proxy)
+
+    def settle(self, consumer: Consumer, proxy: MessageProxy) -> None:
+        broker = self.broker
+        if proxy.failed:
+            logger.error("dead-lettering %s: %s", proxy.message_id, proxy.reason or repr(proxy.exception))
+            try:
+                broker.emit_before("nack", proxy)
+            except Exception:
+                logger.exception("before_nack failed for %s", proxy.message_id)
+            _safe(consumer.nack, proxy)
+            broker.emit_after("nack", proxy)
+        else:
+            try:
+                broker.emit_before("ack", proxy)
+            except Exception:
+                logger.exception("before_ack failed for %s", proxy.message_id)
+            _safe(consumer.ack, proxy)
+            broker.emit_after("ack", proxy)
+
+
+def _safe(fn: Any, arg: Any) -> None:
+    # A lost connection while acking is not fatal: the broker redelivers the message.
+    try:
+        fn(arg)
+    except Exception:
+        logger.exception("%s failed; the broker will redeliver", getattr(fn, "__qualname__", fn))
+
+
+class _ConsumerThread(threading.Thread):
+    def __init__(self, worker: Worker, queue_name: str) -> None:
+        super().__init__(name=f"djqueue-consumer-{queue_name}", daemon=True)
+        self.worker = worker
+        self.queue_name = queue_name
+        self.stop_fetching = threading.Event()
+        self.fetching_stopped = threading.Event()
+        self.close_now = threading.Event()
+        self.consumer = self._connect()
+
+    def _connect(self) -> Consumer:
+        worker = self.worker
+        return worker.broker.consume(self.queue_name, prefetch=worker.prefetch, timeout=worker.worker_timeout)
+
+    def run(self) -> None:
+        backoff = 0.1
+        put = self.worker.work_queue.put
+        while not self.stop_fetching.is_set():
+            try:
+                proxy = next(self.consumer)
+            except Exception:
+                logger.exception("consumer of %r failed; reconnecting in %.1fs", self.queue_name, backoff)
+                _safe(lambda _: self.consumer.close(), None)
+                if self.stop_fetching.wait(backoff):
+                    break
+                backoff = min(backoff * 2, 30.0)
+                try:
+                    self.consumer = self._connect()
+                except Exception:
+                    logger.exception("could not reconnect the consumer of %r", self.queue_name)
+                continue
+            backoff = 0.1
+            if proxy is not None:
+                put((self, proxy))
+        self.fetching_stopped.set()
+        self.worker.broker.emit_before("consumer_thread_shutdown", self)
+        self.close_now.wait()
+        _safe(lambda _: self.consumer.close(), None)
+
+
+class _WorkerThread(threading.Thread):
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name="djqueue-worker", daemon=True)
+        self.worker = worker
+        self.current: tuple[_ConsumerThread, MessageProxy] | None = None
+
+    def run(self) -> None:
+        worker = self.worker
+        get = worker.work_queue.get
+        process = worker.process_message
+        while True:
+            item = get()
+            if item is _STOP:
+                break
+            if worker.stopping.is_set():
+                consumer_thread, proxy = item
+                _safe(consumer_thread.consumer.requeue, [proxy])
+                continue
+            self.current = item
+            try:
+                process(*item)
+            except BaseException:
+                logger.exception("unexpected error processing a message")
+            finally:
+                self.current = None
+        worker.broker.emit_before("worker_thread_shutdown", self)

@@ -1,0 +1,139 @@
+"""Start real worker processes (``python -m django runworkers``) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, message: str = ""
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def read_records(directory: Path) -> list[tuple[str, int, str]]:
+    """(message id, pid, value) of every recorded actor run."""
+    path = Path(directory) / "executions.log"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        message_id, pid, value = line.split(" ", 2)
+        records.append((message_id, int(pid), value))
+    return records
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces; the fields after its ')' are fixed.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(entry))
+    return sorted(children)
+
+
+def worker_children(pid: int) -> list[int]:
+    """The worker processes of a supervisor (its children other than the spawn helper)."""
+    result = []
+    for child in child_pids(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            result.append(child)
+    return result
+
+
+class Workers:
+    """A running ``runworkers`` supervisor."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        return worker_children(self.pid)
+
+    def wait_children(self, count: int, timeout: float = 30.0) -> list[int]:
+        return wait_for(
+            lambda: (c := self.children()) and len(c) == count and c,
+            timeout,
+            message=f"{count} worker processes",
+        )
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"runworkers did not stop within {timeout}s; log:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_workers(
+    tmp_path: Path,
+    broker_url: str,
+    *args: str,
+    broker_options: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    command: str = "runworkers",
+) -> Workers:
+    """Start ``python -m django runworkers ARGS`` with the test settings and ``broker_url``."""
+    environ = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "DJQUEUE_BROKER_URL": broker_url,
+        "DJQUEUE_TEST_BROKER_OPTIONS": json.dumps(broker_options or {}),
+        "DJQUEUE_LOG_LEVEL": "INFO",
+        **(env or {}),
+    }
+    log = tmp_path / f"{command}-{time.monotonic_ns()}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "django", command, *args],
+        cwd=ROOT,
+        env=environ,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    return Workers(process, log)
