@@ -20,3 +20,27 @@ def record_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _fresh_record_env(monkeypatch: pytest.MonkeyPatch) -> None:
     if "DJQUEUE_TEST_RECORD_DIR" in os.environ:
         monkeypatch.delenv("DJQUEUE_TEST_RECORD_DIR")
+
+
+@pytest.fixture
+def stub_broker():
+    """A fresh in-memory broker with the default middleware, made the current broker."""
+    from djqueue.brokers import get_broker, set_broker
+    from djqueue.brokers.stub import StubBroker
+
+    previous = get_broker()
+    broker = StubBroker()
+    set_broker(broker)
+    yield broker
+    set_broker(previous)
+    broker.close()
+
+
+@pytest.fixture
+def stub_worker(stub_broker):
+    """A started in-process worker on ``stub_broker`` with 2 threads and a short timeout."""
+    from djqueue import Worker
+
+    worker = Worker(stub_broker, worker_threads=2, worker_timeout=100)
+    yield worker
+    worker.stop(timeout=5_000)

@@ -1,0 +1,174 @@
+"""runworkers end to end: real supervisor and worker processes, real signals, on the
+database broker (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import pytest
+from django.db import connections, transaction
+
+from djqueue.brokers import broker_from_url
+from djqueue.models import DeadLetter
+from tests.process import read_records, start_workers, wait_for
+from tests.testapp.tasks import always_fail, flaky, record, slow_record
+
+pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
+
+DATABASES = [
+    pytest.param("db://default", id="sqlite"),
+    pytest.param("db://postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=DATABASES)
+def broker_url(request):
+    return request.param
+
+
+@pytest.fixture
+def broker(broker_url):
+    broker = broker_from_url(broker_url)
+    yield broker
+    broker.close()
+    for connection in connections.all():
+        connection.close()
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"rw_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def workers(tmp_path):
+    started = []
+
+    def start(*args, **kwargs):
+        w = start_workers(tmp_path, *args, **kwargs)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.process.poll() is None:
+            w.process.kill()
+            w.process.wait(10)
+
+
+def send(broker, actor, *args, queue: str, **options):
+    return broker.enqueue(actor.message_with_options(args=args, queue_name=queue, **options))
+
+
+def ids_seen(record_dir) -> set[str]:
+    return {message_id for message_id, _, _ in read_records(record_dir)}
+
+
+def test_1000_messages_across_2_processes_x_4_threads(broker, broker_url, queue, record_dir, workers):
+    sent = {send(broker, record, n, queue=queue).message_id for n in range(1000)}
+    w = workers(broker_url, "--processes", "2", "--threads", "4", "--queues", queue)
+    wait_for(lambda: ids_seen(record_dir) >= sent, timeout=120, message="1000 messages")
+    pids = {pid for _, pid, _ in read_records(record_dir)}
+    assert len(pids) == 2, "both worker processes took work"
+    assert w.stop() == 0
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+def test_sigkilled_worker_loses_no_message_and_is_restarted(broker, broker_url, queue, record_dir, workers):
+    # A short lease so the killed worker's claimed messages come back quickly.
+    w = workers(
+        broker_url, "--processes", "2", "--threads", "2", "--queues", queue, broker_options={"lease": 1500}
+    )
+    children = w.wait_children(2)
+    sent = {send(broker, slow_record, n, 0.3, queue=queue).message_id for n in range(40)}
+    wait_for(lambda: len(read_records(record_dir)) >= 4, message="first jobs done")
+    victim = children[0]
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    # The supervisor replaces the dead process.
+    wait_for(lambda: victim not in w.children() and len(w.children()) == 2, message="a restarted worker")
+    wait_for(lambda: ids_seen(record_dir) >= sent, timeout=120, message="every message after the kill")
+    assert w.stop() == 0
+    assert "exited with -9; restarting" in w.output()
+
+
+def test_sigterm_exits_0_and_running_jobs_finish(broker, broker_url, queue, record_dir, workers):
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "2", "--queues", queue, "--shutdown-timeout", "10000"
+    )
+    w.wait_children(1)
+    first = send(broker, slow_record, "long", 1.5, queue=queue)
+    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
+    started = time.monotonic()
+    assert w.stop(timeout=30) == 0
+    assert time.monotonic() - started < 12
+    assert first.message_id in ids_seen(record_dir), "the running job finished before exit"
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+def test_unfinished_jobs_go_back_on_shutdown_timeout(broker, broker_url, queue, record_dir, workers):
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "300"
+    )
+    w.wait_children(1)
+    message = send(broker, slow_record, "too-long", 5, queue=queue)
+    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
+    assert w.stop(timeout=30) == 0
+    assert message.message_id not in ids_seen(record_dir)
+    assert broker.get_queue_stats(queue).ready == 1, "the unfinished message is back in its queue"
+
+
+def test_sighup_restarts_workers_gracefully(broker, broker_url, queue, record_dir, workers):
+    w = workers(broker_url, "--processes", "1", "--threads", "2", "--queues", queue)
+    before = w.wait_children(1)
+    w.signal(signal.SIGHUP)
+    wait_for(lambda: (c := w.children()) and c != before and len(c) == 1, message="new worker process")
+    sent = {send(broker, record, n, queue=queue).message_id for n in range(10)}
+    wait_for(lambda: ids_seen(record_dir) >= sent, message="work after SIGHUP")
+    assert w.stop() == 0
+
+
+def test_retries_reach_success_or_dead_letter(broker, broker_url, queue, record_dir, workers):
+    ok = send(broker, flaky, "eventually", 2, queue=queue)
+    bad = send(broker, always_fail, "never", queue=queue)
+    w = workers(broker_url, "--processes", "1", "--threads", "2", "--queues", queue)
+    wait_for(lambda: ok.message_id in ids_seen(record_dir), message="flaky job to succeed")
+    row = wait_for(
+        lambda: DeadLetter.objects.filter(message_id=bad.message_id).first(), message="dead letter"
+    )
+    assert row.exception_type == "ValueError" and row.retries == 2
+    assert w.stop() == 0
+
+
+def test_a_send_in_a_rolled_back_transaction_never_runs(broker, broker_url, queue, record_dir, workers):
+    alias = broker_url.split("://")[1]
+
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback), transaction.atomic(using=alias):
+        ghost = send(broker, record, "ghost", queue=queue)
+        raise Rollback
+    marker = send(broker, record, "marker", queue=queue)
+    w = workers(broker_url, "--processes", "1", "--threads", "2", "--queues", queue)
+    wait_for(lambda: marker.message_id in ids_seen(record_dir), message="marker")
+    assert ghost.message_id not in ids_seen(record_dir)
+    assert w.stop() == 0
+
+
+def test_pid_file_log_file_and_banner(broker_url, queue, tmp_path, workers):
+    pid_file = tmp_path / "workers.pid"
+    log_file = tmp_path / "workers.log"
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "1", "--queues", queue,
+        "--pid-file", str(pid_file), "--log-file", str(log_file),
+    )  # fmt: skip
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() == str(w.pid), message="pid file")
+    wait_for(lambda: log_file.exists() and "worker process 0 started" in log_file.read_text(), message="log")
+    assert w.stop() == 0
+    assert not pid_file.exists()
+    banner = w.output()
+    assert f"queues {queue}" in banner and "1 processes x 1 threads" in banner
