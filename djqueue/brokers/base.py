@@ -330,6 +330,11 @@ class Broker:
     def _declare_queue(self, queue_name: str) -> None:
         raise NotImplementedError("subclasses of Broker must implement _declare_queue()")
 
+    def enqueue_raw(self, queue_name: str, data: bytes) -> None:
+        """Store arbitrary bytes on a queue as a misbehaving producer would, bypassing
+        encoding and hooks. For tests of how workers survive poison input."""
+        raise NotImplementedError("subclasses of Broker must implement enqueue_raw()")
+
     # -- consuming and inspecting ---------------------------------------------------
 
     def consume(self, queue_name: str, *, prefetch: int = 1, timeout: int = 1000) -> Consumer:

@@ -1,0 +1,264 @@
+"""The broker contract, proved against every broker: stub, database (SQLite and
+PostgreSQL), Redis and RabbitMQ. A behaviour shown here holds for all of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from djqueue import Message, Worker, actor
+from djqueue.brokers.base import Consumer, MessageProxy
+from djqueue.models import DeadLetter
+from tests.process import read_records, start_workers, wait_for
+from tests.testapp.tasks import record, slow_record
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+
+
+def make_message(queue: str, n: object = None, **options: object) -> Message:
+    return Message(queue_name=queue, actor_name="record", args=(n,), kwargs={}, options=dict(options))
+
+
+def take(consumer: Consumer, timeout: float = 10.0) -> MessageProxy:
+    proxy = wait_for(lambda: next(consumer), timeout=timeout, interval=0, message="a message")
+    return proxy
+
+
+def settled(broker, queue: str) -> bool:
+    return broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+# -- one process ------------------------------------------------------------------------
+
+
+def test_enqueue_consume_ack(case, queue):
+    broker = case.make()
+    sent = [broker.enqueue(make_message(queue, n)) for n in range(3)]
+    assert broker.get_queue_stats(queue).ready == 3
+    consumer = broker.consume(queue, prefetch=10, timeout=200)
+    got = [take(consumer) for _ in range(3)]
+    assert sorted(p.message_id for p in got) == sorted(m.message_id for m in sent)
+    assert {p.message.args for p in got} == {(0,), (1,), (2,)}
+    assert all(p.delivery_count == 1 for p in got)
+    assert broker.get_queue_stats(queue).ready == 0
+    for proxy in got:
+        consumer.ack(proxy)
+    wait_for(lambda: settled(broker, queue), message="acks to land")
+    consumer.close()
+    assert settled(broker, queue)
+
+
+def test_prefetch_bounds_unacked_messages(case, queue):
+    broker = case.make()
+    for n in range(5):
+        broker.enqueue(make_message(queue, n))
+    consumer = broker.consume(queue, prefetch=2, timeout=200)
+    first, second = take(consumer), take(consumer)
+    assert next(consumer) is None, "a third message while two are unacked"
+    consumer.ack(first)
+    third = take(consumer)
+    assert third.message_id not in (first.message_id, second.message_id)
+    consumer.close()
+
+
+def test_requeue_and_close_give_messages_back(case, queue):
+    broker = case.make()
+    sent = {broker.enqueue(make_message(queue, n)).message_id for n in range(3)}
+    consumer = broker.consume(queue, prefetch=3, timeout=200)
+    got = [take(consumer) for _ in range(3)]
+    consumer.requeue(got[:2])
+    consumer.close()  # the third is unacked: close gives it back too
+    wait_for(lambda: broker.get_queue_stats(queue).ready == 3, message="all three back")
+    again = broker.consume(queue, prefetch=3, timeout=200)
+    assert {take(again).message_id for _ in range(3)} == sent
+    again.close()
+
+
+def test_delay_and_eta_ordering(case, queue):
+    broker = case.make()
+    start = time.monotonic()
+    late = broker.enqueue(make_message(queue, "late"), delay=1500)
+    soon = broker.enqueue(make_message(queue, "soon"), delay=500)
+    now = broker.enqueue(make_message(queue, "now"))
+    stats = broker.get_queue_stats(queue)
+    assert (stats.ready, stats.delayed) == (1, 2)
+    consumer = broker.consume(queue, prefetch=3, timeout=100)
+    order = []
+    for _ in range(3):
+        proxy = take(consumer)
+        order.append((proxy.message_id, time.monotonic() - start))
+        consumer.ack(proxy)
+    consumer.close()
+    assert [m for m, _ in order] == [now.message_id, soon.message_id, late.message_id]
+    assert order[1][1] >= 0.45 and order[2][1] >= 1.45, order
+    assert order[2][1] < 8, "a due message waited far too long"
+
+
+def test_priority_ordering(case, queue):
+    broker = case.make()
+    if not broker.supports_priority:
+        pytest.skip(f"{case.name} does not support priorities")
+    for priority in (0, 10, 5, 1):
+        broker.enqueue(make_message(queue, priority, priority=priority))
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    seen = []
+    for _ in range(4):
+        proxy = take(consumer)
+        seen.append(proxy.message.priority)
+        consumer.ack(proxy)
+    consumer.close()
+    assert seen == [10, 5, 1, 0]
+
+
+def test_queue_stats_purge_and_cancel(case, queue):
+    broker = case.make()
+    ready = [broker.enqueue(make_message(queue, n)) for n in range(3)]
+    delayed = [broker.enqueue(make_message(queue, n), delay=60_000) for n in range(2)]
+    stats = broker.get_queue_stats(queue)
+    assert (stats.ready, stats.delayed, stats.in_flight) == (3, 2, 0)
+    if broker.supports_cancel:
+        assert broker.cancel(ready[0].message_id) is True
+        assert broker.cancel(delayed[0].message_id) is True
+        assert broker.cancel(ready[0].message_id) is False
+        stats = broker.get_queue_stats(queue)
+        assert (stats.ready, stats.delayed) == (2, 1)
+    broker.purge(queue)
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+def test_nack_dead_letters_with_a_row(case, queue):
+    broker = case.make()
+
+    @actor(broker=broker, actor_name="contract_fail", queue_name=queue, max_retries=0)
+    def contract_fail(n: int) -> None:
+        raise ValueError(f"no {n}")
+
+    message = contract_fail.send(3)
+    worker = Worker(broker, queues=[queue], worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        row = wait_for(lambda: DeadLetter.objects.filter(message_id=message.message_id).first())
+        worker.join(timeout=10_000)
+    finally:
+        worker.stop(timeout=5_000)
+    assert row.exception_type == "ValueError" and "no 3" in row.exception_message
+    wait_for(lambda: broker.get_queue_stats(queue).dead == 1, message="the broker's dead letter")
+
+
+def test_malformed_payload_is_dead_lettered_and_work_goes_on(case, queue):
+    broker = case.make()
+    seen = []
+
+    @actor(broker=broker, actor_name="contract_good", queue_name=queue)
+    def contract_good(n: int) -> None:
+        seen.append(n)
+
+    contract_good.send(1)
+    broker.enqueue_raw(queue, b"\x00\xffnot json at all")
+    broker.enqueue_raw(queue, b'{"actor_name": "contract_good"}')
+    contract_good.send(2)
+    worker = Worker(broker, queues=[queue], worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(lambda: DeadLetter.objects.filter(exception_type="DecodeError").count() == 2)
+        wait_for(lambda: sorted(seen) == [1, 2])
+        worker.join(timeout=10_000)
+        assert all(t.is_alive() for t in worker.workers) and all(
+            t.is_alive() for t in worker.consumers.values()
+        )
+    finally:
+        worker.stop(timeout=5_000)
+    reasons = " ".join(DeadLetter.objects.values_list("exception_message", flat=True))
+    assert "not valid JSON" in reasons and "missing the field" in reasons
+
+
+def test_worker_end_to_end_with_retries(case, queue):
+    broker = case.make()
+    attempts: dict[int, int] = {}
+
+    @actor(broker=broker, actor_name="contract_flaky", queue_name=queue, min_backoff=10, max_backoff=50)
+    def contract_flaky(n: int) -> None:
+        attempts[n] = attempts.get(n, 0) + 1
+        if n % 10 == 0 and attempts[n] < 2:
+            raise RuntimeError("once")
+
+    for n in range(300):
+        contract_flaky.send(n)
+    worker = Worker(broker, queues=[queue], worker_threads=4, worker_timeout=100)
+    worker.start()
+    try:
+        worker.join(timeout=60_000)
+    finally:
+        worker.stop(timeout=5_000)
+    assert set(attempts) == set(range(300))
+    assert all(attempts[n] == (2 if n % 10 == 0 else 1) for n in range(300))
+
+
+# -- real processes ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def workers(case, tmp_path):
+    if case.in_memory:
+        pytest.skip("the stub broker lives in one process")
+    started = []
+
+    def start(*args: str, **kwargs: object):
+        w = start_workers(tmp_path, case.url, *args, broker_options=case.process_options(), **kwargs)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.process.poll() is None:
+            w.process.kill()
+            w.process.wait(10)
+
+
+def ids_seen(record_dir) -> set[str]:
+    return {message_id for message_id, _, _ in read_records(record_dir)}
+
+
+def test_sigkilled_worker_process_loses_no_message(case, queue, record_dir, workers):
+    w = workers("--processes", "1", "--threads", "4", "--queues", queue)
+    (child,) = w.wait_children(1)
+    broker = case.make()
+    sent = {
+        broker.enqueue(slow_record.message_with_options(args=(n, 0.2), queue_name=queue)).message_id
+        for n in range(30)
+    }
+    wait_for(lambda: len(read_records(record_dir)) >= 2, message="the first jobs")
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: ids_seen(record_dir) >= sent, timeout=120, message="every message after SIGKILL")
+    assert w.stop() == 0
+    assert child not in w.children()
+
+
+def test_graceful_shutdown_gives_back_unfinished_work(case, queue, record_dir, workers):
+    w = workers("--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "300")
+    w.wait_children(1)
+    broker = case.make()
+    long = broker.enqueue(slow_record.message_with_options(args=("long", 5), queue_name=queue))
+    queued = broker.enqueue(record.message_with_options(args=("queued",), queue_name=queue))
+    wait_for(lambda: broker.get_queue_stats(queue).ready == 0, message="both fetched")
+    assert w.stop(timeout=30) == 0
+    assert not ids_seen(record_dir) & {long.message_id}
+    wait_for(
+        lambda: broker.get_queue_stats(queue).ready + len(ids_seen(record_dir)) == 2, message="given back"
+    )
+    assert queued.message_id in ids_seen(record_dir) or broker.get_queue_stats(queue).ready == 2
+
+
+@pytest.mark.slow
+def test_10000_messages_through_2_processes_x_8_threads(case, queue, record_dir, workers):
+    broker = case.make()
+    messages = [record.message_with_options(args=(n,), queue_name=queue) for n in range(10_000)]
+    sent = {m.message_id for m in broker.enqueue_many(messages)}
+    assert len(sent) == 10_000
+    w = workers("--processes", "2", "--threads", "8", "--queues", queue)
+    wait_for(lambda: ids_seen(record_dir) >= sent, timeout=300, interval=0.5, message="10,000 messages")
+    assert w.stop() == 0
+    wait_for(lambda: settled(broker, queue), message="nothing left in flight")
