@@ -162,7 +162,8 @@ class _StubConsumer(Consumer):
                 item = self._settle(proxy)
                 if item is not None:
                     priority = proxy.message.priority if proxy.decode_error is None else 0
-                    self.broker._push(self.queue_name, item[1], priority, 0, item[2], item[3])
+                    # A requeued message was never started: it does not count as a delivery.
+                    self.broker._push(self.queue_name, item[1], priority, 0, item[2], item[3] - 1)
             self.broker._lock.notify_all()
 
     def close(self) -> None:

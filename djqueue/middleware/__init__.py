@@ -11,6 +11,7 @@ __all__ = ["DEFAULT_MIDDLEWARE", "Middleware", "default_middleware", "load_middl
 # The default stack, in order. Dotted paths so that DJQUEUE["MIDDLEWARE"] can list
 # the same strings; brokers that are built outside Django get the same stack.
 DEFAULT_MIDDLEWARE = [
+    "djqueue.middleware.max_deliveries.MaxDeliveries",
     "djqueue.middleware.age_limit.AgeLimit",
     "djqueue.middleware.time_limit.TimeLimit",
     "djqueue.middleware.shutdown.ShutdownNotifications",

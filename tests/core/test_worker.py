@@ -210,3 +210,23 @@ def test_backoff_doubles_within_bounds():
         value = compute_backoff(retries, min_backoff=100, max_backoff=10_000)
         full = min(100 * 2**retries, 10_000)
         assert full // 2 <= value <= full
+
+
+def test_a_message_whose_worker_keeps_dying_is_dead_lettered(stub_broker, stub_worker):
+    ran = []
+
+    @actor(broker=stub_broker, actor_name="crasher", max_deliveries=3)
+    def crasher() -> None:
+        ran.append(1)
+
+    message = crasher.send()
+    # Three deliveries whose consumer vanished without acking, as a killed process would.
+    for delivery in range(1, 4):
+        consumer = stub_broker.consume("default", prefetch=1, timeout=1000)
+        assert next(consumer).delivery_count == delivery
+        consumer.close()
+    stub_worker.start()
+    stub_worker.join(timeout=10_000)
+    assert ran == []
+    row = DeadLetter.objects.get(message_id=message.message_id)
+    assert "delivered 4 times without finishing" in row.exception_message

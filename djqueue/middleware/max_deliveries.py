@@ -1,0 +1,43 @@
+"""MaxDeliveries: dead-letter a message whose worker keeps dying while running it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import SkipMessage
+from .base import Middleware
+
+
+class MaxDeliveries(Middleware):
+    """A message delivered more than ``max_deliveries`` times never finished: each time,
+    the process running it died (``os._exit``, the OOM killer, a segfault) before it could
+    ack or retry. Retrying it again would take down a worker again, so it is dead-lettered
+    with a reason saying so. Actor option ``max_deliveries``; default
+    ``DJQUEUE["MAX_DELIVERIES"]`` (5).
+
+    The count comes from the broker (``MessageProxy.delivery_count``): exact on the
+    database and Redis brokers and on RabbitMQ quorum queues; on classic RabbitMQ queues
+    a redelivered message counts as its second delivery only.
+    """
+
+    actor_options = frozenset({"max_deliveries"})
+
+    def __init__(self, *, max_deliveries: int | None = None) -> None:
+        if max_deliveries is None:
+            from .. import conf
+
+            try:
+                max_deliveries = conf.get("MAX_DELIVERIES")
+            except Exception:  # settings not configured: a plain library use
+                max_deliveries = 5
+        self.max_deliveries = max_deliveries
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        actor = broker.actors[message.actor_name]
+        limit = actor.options.get("max_deliveries") or self.max_deliveries
+        if message.delivery_count > limit:
+            message.fail(
+                f"delivered {message.delivery_count} times without finishing (more than "
+                f"max_deliveries={limit}): the worker process running it died each time"
+            )
+            raise SkipMessage("too many deliveries")
