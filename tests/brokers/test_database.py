@@ -1,0 +1,414 @@
+"""What is particular to the database broker (db://), on SQLite and PostgreSQL: batch
+claims under concurrency, leases and heartbeats, transactional enqueue, NOTIFY wake-ups.
+The behaviour every broker shares is proved in test_contract.py."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+
+from djqueue import Message, Worker, actor, get_current_message
+from djqueue.brokers import broker_from_url
+from djqueue.brokers.base import Consumer, MessageProxy
+from djqueue.brokers.database import DatabaseBroker
+from djqueue.checks import _check_url
+from djqueue.errors import ConfigurationError
+from djqueue.models import DeadLetter, QueuedMessage
+from tests.process import ROOT, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+
+ALIASES = ["default", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=ALIASES)
+def alias(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"db_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def make(alias: str) -> Iterator[Callable[..., DatabaseBroker]]:
+    """Build brokers on ``alias`` (each one stands for a process) and close them all after."""
+    brokers: list[DatabaseBroker] = []
+
+    def make(**options: Any) -> DatabaseBroker:
+        broker = DatabaseBroker.from_url(f"db://{alias}", **options)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.close()
+
+
+def message(queue: str, n: object = None, **options: Any) -> Message:
+    return Message(queue_name=queue, actor_name="record", args=(n,), kwargs={}, options=options)
+
+
+def take(consumer: Consumer, timeout: float = 10.0) -> MessageProxy:
+    return wait_for(lambda: next(consumer), timeout=timeout, interval=0, message="a message")
+
+
+def rows(alias: str, queue: str) -> int:
+    return QueuedMessage.objects.using(alias).filter(queue_name=queue).count()
+
+
+def test_enqueue_consume_ack(make, alias, queue):
+    broker = make()
+    sent = [broker.enqueue(message(queue, n)) for n in range(3)]
+    consumer = broker.consume(queue, prefetch=10, timeout=200)
+    got = [take(consumer) for _ in range(3)]
+    assert [p.message_id for p in got] == [m.message_id for m in sent]
+    assert [p.delivery_count for p in got] == [1, 1, 1]
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 3)
+    for proxy in got:
+        consumer.ack(proxy)
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+    assert rows(alias, queue) == 0
+    consumer.close()
+
+
+def test_an_ack_is_deleted_promptly_and_never_before_it_is_made(make, alias, queue):
+    broker = make()
+    broker.enqueue(message(queue))
+    consumer = broker.consume(queue, prefetch=2, timeout=200)
+    proxy = take(consumer)
+    assert next(consumer) is None  # 200 ms pass with the message held
+    assert rows(alias, queue) == 1
+    consumer.ack(proxy)
+    acked = time.monotonic()
+    # Nobody calls next() or get_queue_stats(): the broker's own thread deletes it.
+    wait_for(lambda: rows(alias, queue) == 0, timeout=2, interval=0.005, message="the ack")
+    assert time.monotonic() - acked < 0.5
+    consumer.close()
+
+
+def test_two_consumers_never_claim_the_same_message(make, queue):
+    sent = {m.message_id for m in make().enqueue_many([message(queue, n) for n in range(300)])}
+    held: list[list[str]] = [[], []]
+    start = threading.Barrier(2)
+
+    def consume(index: int) -> None:
+        # Each consumer is its own broker, as in two processes; neither acks, so each
+        # claim races the other's for the remaining rows.
+        consumer = make().consume(queue, prefetch=160, timeout=100)
+        start.wait()
+        deadline = time.monotonic() + 20
+        while len(held[0]) + len(held[1]) < 300 and time.monotonic() < deadline:
+            proxy = next(consumer)
+            if proxy is not None:
+                held[index].append(proxy.message_id)
+        consumer.close()
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    first, second = set(held[0]), set(held[1])
+    assert len(first) == len(held[0]) and len(second) == len(held[1])
+    assert not first & second, "a message was claimed by both consumers"
+    assert first | second == sent
+    assert len(first) >= 140 and len(second) >= 140  # neither could hold more than 160
+
+
+def test_priority_then_age_order_within_a_batch(make, queue):
+    broker = make()
+    for n, priority in enumerate([0, 5, 10, 5, 0]):
+        broker.enqueue(message(queue, n, priority=priority))
+    consumer = broker.consume(queue, prefetch=10, timeout=200)
+    got = [take(consumer) for _ in range(5)]  # claimed in one batch
+    assert [(p.message.priority, p.message.args[0]) for p in got] == [(10, 2), (5, 1), (5, 3), (0, 0), (0, 4)]
+    consumer.close()
+
+
+def test_delayed_messages_wait_and_come_in_eta_order(make, queue):
+    broker = make()
+    later = broker.enqueue(message(queue, "later"), delay=400)
+    sooner = broker.enqueue(message(queue, "sooner"), delay=200)
+    consumer = broker.consume(queue, prefetch=10, timeout=50)
+    assert next(consumer) is None, "a delayed message came early"
+    wait_for(lambda: broker.get_queue_stats(queue).delayed == 0, message="both due")
+    now = broker.enqueue(message(queue, "now"), delay=None)
+    got = [take(consumer).message_id for _ in range(3)]  # claimed in one batch
+    assert got == [sooner.message_id, later.message_id, now.message_id]
+    consumer.close()
+
+
+def test_enqueue_in_a_rolled_back_transaction_is_rolled_back(make, alias, queue):
+    broker = make()
+    consumer = broker.consume(queue, prefetch=1, timeout=300)
+    with pytest.raises(RuntimeError), transaction.atomic(using=alias):
+        broker.enqueue(message(queue, "single"))
+        broker.enqueue_many([message(queue, n) for n in range(3)])
+        assert rows(alias, queue) == 4  # visible inside the transaction
+        raise RuntimeError("roll back")
+    assert rows(alias, queue) == 0
+    assert next(consumer) is None
+    with transaction.atomic(using=alias):
+        kept = broker.enqueue(message(queue, "kept"))
+    assert take(consumer).message_id == kept.message_id
+    consumer.close()
+
+
+def test_malformed_row_is_yielded_as_a_malformed_proxy(make, alias, queue):
+    broker = make()
+    QueuedMessage.objects.using(alias).create(
+        queue_name=queue, message_id="x", available_at=0, payload=b"\xffnot json", created_at=0
+    )
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    proxy = take(consumer)
+    assert proxy.decode_error is not None and proxy.failed
+    assert proxy.data == b"\xffnot json" and proxy.delivery_count == 1
+    consumer.nack(proxy)
+    consumer.close()
+    assert rows(alias, queue) == 0
+
+
+def test_cancel_purge_and_stats(make, alias, queue):
+    broker = make()
+    first = broker.enqueue(message(queue, 1))
+    second = broker.enqueue(message(queue, 2))
+    delayed = broker.enqueue(message(queue, 3), delay=60_000)
+    assert broker.get_queue_stats(queue) == (2, 1, 0, 0)
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    claimed = take(consumer)
+    assert claimed.message_id == first.message_id
+    assert broker.get_queue_stats(queue) == (1, 1, 1, 0)
+    assert broker.cancel(first.message_id) is False, "a claimed message was cancelled"
+    assert broker.cancel(delayed.message_id, queue_name="elsewhere") is False
+    assert broker.cancel(delayed.message_id, queue_name=queue) is True
+    DeadLetter.objects.create(message_id=str(uuid.uuid4()), queue_name=queue, actor_name="record")
+    assert broker.get_queue_stats(queue) == (1, 0, 1, 1)
+    broker.purge(queue)
+    assert broker.get_queue_stats(queue) == (0, 0, 1, 1), "purge took an in-flight message"
+    assert broker.cancel(second.message_id) is False
+    consumer.ack(claimed)
+    consumer.close()
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+def test_requeue_and_close_give_back_without_counting_a_delivery(make, alias, queue):
+    broker = make()
+    for n in range(2):
+        broker.enqueue(message(queue, n))
+    consumer = broker.consume(queue, prefetch=2, timeout=200)
+    first, second = take(consumer), take(consumer)
+    consumer.requeue([first])
+    assert broker.get_queue_stats(queue)[:3] == (1, 0, 1)
+    consumer.close()  # second is unacked: it goes back too
+    assert broker.get_queue_stats(queue)[:3] == (2, 0, 0)
+    again = broker.consume(queue, prefetch=2, timeout=200)
+    got = {p.message_id: p.delivery_count for p in (take(again), take(again))}
+    assert got == {first.message_id: 1, second.message_id: 1}
+    again.close()
+
+
+def test_the_heartbeat_keeps_a_long_jobs_lease(make, alias, queue):
+    holder = make(lease=300)
+    holder.enqueue(message(queue))
+    consumer = holder.consume(queue, prefetch=1, timeout=100)
+    proxy = take(consumer)
+    rival = make(lease=300).consume(queue, prefetch=1, timeout=1500)
+    assert next(rival) is None, "the message was taken while its job ran (5 leases long)"
+    assert holder.get_queue_stats(queue)[:3] == (0, 0, 1)
+    consumer.ack(proxy)
+    consumer.close()
+    assert rows(alias, queue) == 0
+    rival.close()
+
+
+CLAIM_AND_HANG = """
+import sys, time, django
+django.setup()
+from djqueue.brokers.database import DatabaseBroker
+broker = DatabaseBroker.from_url(sys.argv[1], lease=int(sys.argv[3]))
+proxy = next(broker.consume(sys.argv[2], prefetch=1, timeout=10_000))
+print(proxy and proxy.message_id, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_consumers_lease_expires_and_the_message_comes_back(make, alias, queue):
+    broker = make()
+    sent = broker.enqueue(message(queue))
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HANG, f"db://{alias}", queue, "1500"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert select.select([child.stdout], [], [], 30)[0], "the child claimed nothing in 30 s"
+        assert child.stdout.readline().decode().strip() == sent.message_id
+        claimed = time.monotonic()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        child.stdout.close()
+    consumer = broker.consume(queue, prefetch=1, timeout=0)
+    assert next(consumer) is None and broker.get_queue_stats(queue).in_flight == 1
+    proxy = take(consumer)
+    assert time.monotonic() - claimed > 1.0, "redelivered before the lease ran out"
+    assert (proxy.message_id, proxy.delivery_count) == (sent.message_id, 2)
+    consumer.ack(proxy)
+    consumer.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_notify_wakes_an_idle_postgres_consumer_at_once(make, queue):
+    # Polling once a minute: only NOTIFY can bring the message within the bound.
+    producer, broker = make(), make(poll_interval=60_000)
+    # Its first look finds nothing, and with nothing delayed it would look again in 10 s.
+    consumer = broker.consume(queue, prefetch=1, timeout=5000)
+
+    def receive(received: list[float], waiting: threading.Event) -> None:
+        waiting.set()
+        proxy = next(consumer)
+        received.append(time.monotonic())
+        consumer.ack(proxy)
+
+    for n in range(3):
+        received: list[float] = []
+        waiting = threading.Event()
+        thread = threading.Thread(target=receive, args=(received, waiting))
+        thread.start()
+        waiting.wait(5)
+        time.sleep(0.1)  # let it settle into waiting: the point is an idle consumer
+        sent = time.monotonic()
+        producer.enqueue(message(queue, n))
+        thread.join(10)
+        assert received and received[0] - sent < 0.5, f"sent at {sent}, received at {received}"
+    consumer.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_consumer_survives_its_connections_being_cut(make, alias, queue):
+    broker = make()
+    broker.enqueue(message(queue, 1))
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    held = take(consumer)
+    with connections[alias].cursor() as cursor:  # the consumer's and the LISTEN connection
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    make().enqueue(message(queue, 2))
+    assert take(consumer).message.args == (2,)  # next() never raised
+    consumer.ack(held)
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 1)
+    consumer.close()
+
+
+@pytest.mark.parametrize("alias", ["default"])
+def test_sqlite_consumer_sees_another_process_message_within_the_poll_interval(make, queue):
+    producer, broker = make(), make(poll_interval=50)
+    consumer = broker.consume(queue, prefetch=1, timeout=5000)
+    sent = time.monotonic()
+    producer.enqueue(message(queue))
+    proxy = take(consumer)
+    assert time.monotonic() - sent < 0.5
+    consumer.ack(proxy)
+    consumer.close()
+
+
+@pytest.mark.parametrize("alias", ["default"])
+def test_sqlite_claim_waits_out_another_writer(make, queue):
+    broker = make()
+    broker.enqueue(message(queue))
+    blocker = sqlite3.connect(connections["default"].settings_dict["NAME"], isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    consumer = broker.consume(queue, prefetch=1, timeout=5000)
+    got: list[MessageProxy] = []
+    thread = threading.Thread(target=lambda: got.append(next(consumer)))
+    thread.start()
+    thread.join(0.3)
+    assert not got, "claimed while another connection held the write lock"
+    blocker.execute("COMMIT")
+    blocker.close()
+    thread.join(10)
+    assert got and got[0] is not None
+    consumer.ack(got[0])
+    consumer.close()
+
+
+def test_workers_on_two_brokers_process_1000_messages_once(make, alias, queue):
+    def register(broker: DatabaseBroker, done: list[int]) -> Any:
+        # Each broker (a process of its own) has its own actor of the same name.
+        @actor(broker=broker, actor_name="db_e2e", queue_name=queue)
+        def job(n: int) -> None:
+            assert get_current_message() is not None
+            if n % 50 == 0:
+                # A query on the worker thread's own connection, which DbConnections
+                # closes after each message (CONN_MAX_AGE = 0), as after a request.
+                QueuedMessage.objects.using(alias).filter(message_id="none").exists()
+            done.append(n)
+
+        return job
+
+    done: list[list[int]] = [[], []]
+    workers = []
+    for index in range(2):
+        broker = make()
+        job = register(broker, done[index])
+        workers.append(Worker(broker, queues=[queue], worker_threads=4, worker_timeout=200))
+    for worker in workers:
+        worker.start()
+    try:
+        workers[0].broker.enqueue_many([job.message(n) for n in range(1000)])
+        wait_for(lambda: len(done[0]) + len(done[1]) >= 1000, timeout=60, message="1,000 messages")
+        workers[0].join(timeout=10_000)
+    finally:
+        for worker in workers:
+            worker.stop(5_000)
+    assert sorted(done[0] + done[1]) == list(range(1000)), "a message was lost or ran twice"
+    assert done[0] and done[1], "one worker did everything"
+    assert rows(alias, queue) == 0
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_from_url_check_url_and_describe():
+    broker = broker_from_url("db://postgres", lease=5000, poll_interval=20)
+    assert isinstance(broker, DatabaseBroker) and broker.supports_transactions
+    assert (broker.alias, broker.lease, broker.poll_interval) == ("postgres", 5000, 20)
+    settings = connections["postgres"].settings_dict
+    description = broker.describe()
+    assert description.startswith("db://postgres (PostgreSQL database ")
+    assert settings["NAME"] in description
+    assert not settings["PASSWORD"] or settings["PASSWORD"] not in description
+    assert DatabaseBroker.from_url("db://default").describe().startswith("db://default (SQLite ")
+    for url, words in [
+        ("db://", "settings.DATABASES"),
+        ("db://nope", "'nope', which is not a key of settings.DATABASES"),
+        ("db://default/extra", "db://ALIAS"),
+    ]:
+        with pytest.raises(ConfigurationError, match="DATABASES") as raised:
+            DatabaseBroker.check_url(url)
+        assert words in str(raised.value)
+    with pytest.raises(ConfigurationError, match="lease"):
+        DatabaseBroker.from_url("db://default", lease=0)
+    (error,) = _check_url("db://nope")
+    assert error.id == "djqueue.E002" and "DATABASES" in error.msg
+    assert _check_url("db://default") == []
