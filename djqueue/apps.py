@@ -5,6 +5,7 @@ from importlib import import_module
 from importlib.util import find_spec
 
 from django.apps import AppConfig, apps
+from django.conf import settings
 
 logger = logging.getLogger("djqueue")
 
@@ -20,6 +21,7 @@ class DjqueueConfig(AppConfig):
         from . import checks  # noqa: F401 - registers the system checks
         from .brokers import get_broker
         from .errors import ConfigurationError
+        from .scheduling import checks as scheduling_checks  # noqa: F401 - the crontab checks
 
         try:
             get_broker()
@@ -30,6 +32,11 @@ class DjqueueConfig(AppConfig):
             logger.error("djqueue broker not built: %s", e)
             return
         autodiscover()
+        task_backends = getattr(settings, "TASKS", {}).values()
+        if any(str(params.get("BACKEND", "")).startswith("djqueue.") for params in task_backends):
+            from .backends import connect_task_backends
+
+            connect_task_backends()  # declares the actor that runs django.tasks tasks
 
 
 def autodiscover() -> list[str]:

@@ -1,0 +1,190 @@
+"""runscheduler end to end: real scheduler and worker processes on the database broker."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from djqueue.models import QueuedMessage, ScheduleRun
+from djqueue.scheduling.crontab import Schedule
+from tests.process import ROOT, read_records, start_workers, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
+
+EVERY_2_SECONDS = "* * * * * */2"  # croniter: seconds are the sixth field
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = []
+
+    def start(broker_url: str, crontabs: dict, *args: str, command: str = "runscheduler"):
+        env = {
+            "DJANGO_SETTINGS_MODULE": "tests.scheduling.settings",
+            "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs),
+        }
+        process = start_workers(tmp_path, broker_url, *args, command=command, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait(10)
+
+
+def started_at(scheduler) -> datetime:
+    """When the scheduler started, from its log: the boundary of what it counts as missed."""
+    match = wait_for(
+        lambda: re.search(r"scheduler started at (\S+):", scheduler.output()), timeout=60, message="start"
+    )
+    return datetime.fromisoformat(match.group(1))
+
+
+def runs(alias: str, name: str) -> list[ScheduleRun]:
+    return list(ScheduleRun.objects.using(alias).filter(name=name).order_by("fire_time"))
+
+
+@pytest.mark.parametrize(
+    "broker_url",
+    [
+        pytest.param("db://default", id="sqlite"),
+        pytest.param("db://postgres", id="postgres", marks=pytest.mark.postgres),
+    ],
+)
+def test_two_schedulers_fire_and_run_each_tick_exactly_once(broker_url, processes, record_dir):
+    alias = broker_url.split("://")[1]
+    queue = f"sched_{uuid.uuid4().hex[:8]}"
+    name = f"tick-{uuid.uuid4().hex[:6]}"
+    crontabs = {name: {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue}}
+    schedulers = [processes(broker_url, crontabs, "-v", "3") for _ in range(2)]
+    workers = processes(
+        broker_url, crontabs, "--processes", "1", "--threads", "2", "--queues", queue, command="runworkers"
+    )
+    both_up = max(started_at(s) for s in schedulers)
+    # About ten seconds of ticks with both schedulers running.
+    wait_for(
+        lambda: len([r for r in runs(alias, name) if r.fire_time > both_up]) >= 5,
+        timeout=60,
+        message="5 ticks",
+    )
+    stopping = datetime.now(ZoneInfo("UTC"))
+    assert [s.stop() for s in schedulers] == [0, 0], "SIGTERM stops a scheduler with exit code 0"
+    fired = runs(alias, name)
+    fire_times = [r.fire_time for r in fired]
+    assert all(b - a == timedelta(seconds=2) for a, b in itertools.pairwise(fire_times)), (
+        "every tick, none twice"
+    )
+    late = [(r.enqueued_at - r.fire_time).total_seconds() for r in fired if r.fire_time > both_up]
+    assert all(0 <= x < 1 for x in late), f"each tick is enqueued on its second: {late}"
+    message_ids = [r.message_id for r in fired]
+    wait_for(lambda: len(read_records(record_dir)) >= len(fired), timeout=60, message="every tick executed")
+    assert workers.stop() == 0
+    records = read_records(record_dir)
+    assert sorted(mid for mid, _, _ in records) == sorted(message_ids), "each enqueued message ran once"
+    scheduled = {mid: datetime.fromisoformat(at) for mid, _, at in records}
+    assert all(scheduled[r.message_id] == r.fire_time for r in fired), "the actor saw its fire time"
+    assert not QueuedMessage.objects.using(alias).filter(queue_name=queue).exists()
+    # Both schedulers tried every tick while both ran; one of them lost each race.
+    losses = sum(s.output().count("was fired by another scheduler") for s in schedulers)
+    assert losses >= len([t for t in fire_times if both_up < t < stopping - timedelta(seconds=1)])
+
+
+def test_a_restarted_scheduler_applies_the_catch_up_policy(processes):
+    broker_url, alias = "db://default", "default"
+    suffix = uuid.uuid4().hex[:6]
+    latest, skip = f"latest-{suffix}", f"skip-{suffix}"
+    queue = f"sched_{suffix}"
+    crontabs = {
+        latest: {
+            "actor": "sched.tick",
+            "schedule": EVERY_2_SECONDS,
+            "queue_name": queue,
+            "catch_up": "latest",
+        },
+        skip: {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue, "catch_up": "skip"},
+    }
+    first = processes(broker_url, crontabs)
+    wait_for(lambda: runs(alias, latest) and runs(alias, skip), timeout=60, message="a tick of each entry")
+    assert first.stop() == 0
+    last_fired = {name: runs(alias, name)[-1].fire_time for name in (latest, skip)}
+    # Down for long enough to miss at least two ticks.
+    wait_for(
+        lambda: datetime.now(ZoneInfo("UTC")) > max(last_fired.values()) + timedelta(seconds=5),
+        timeout=10,
+        interval=0.2,
+        message="downtime",
+    )
+    second = processes(broker_url, crontabs)
+    restart = started_at(second)
+    wait_for(
+        lambda: all(any(r.fire_time > restart for r in runs(alias, n)) for n in (latest, skip)),
+        timeout=60,
+        message="ticks after the restart",
+    )
+    assert second.stop() == 0
+
+    schedule = Schedule(EVERY_2_SECONDS, ZoneInfo("UTC"))
+    missed_tick = schedule.latest_at_or_before(restart)
+    assert missed_tick - last_fired[latest] >= timedelta(seconds=4), "at least two ticks were missed"
+    downtime = {
+        n: [r for r in runs(alias, n) if last_fired[n] < r.fire_time <= restart] for n in (latest, skip)
+    }
+    assert [r.fire_time for r in downtime[latest]] == [missed_tick], "'latest' fires the most recent, once"
+    assert downtime[skip] == [], "'skip' fires none of them"
+    caught_up = QueuedMessage.objects.get(message_id=downtime[latest][0].message_id)
+    assert caught_up.queue_name == queue
+    assert "catching up the tick of" in second.output()
+
+
+def test_the_supervised_scheduler_process(monkeypatch):
+    # What runworkers --scheduler starts: scheduler_process_main in a 'spawn' child.
+    import multiprocessing
+    import signal
+
+    from djqueue.scheduling.scheduler import scheduler_process_main
+
+    name = f"supervised-{uuid.uuid4().hex[:6]}"
+    crontabs = {name: {"actor": "sched.tick", "schedule": "* * * * * *", "queue_name": "supervised"}}
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.scheduling.settings")
+    monkeypatch.setenv("DJQUEUE_BROKER_URL", "db://default")
+    monkeypatch.setenv("DJQUEUE_TEST_CRONTABS", json.dumps(crontabs))
+    process = multiprocessing.get_context("spawn").Process(target=scheduler_process_main, args=(None, "INFO"))
+    process.start()
+    try:
+        wait_for(lambda: len(runs("default", name)) >= 2, timeout=60, message="ticks from the child process")
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(30)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+
+
+def test_runscheduler_list_in_a_process():
+    crontabs = {"nightly": {"actor": "sched.tick", "schedule": "30 2 * * *", "timezone": "America/New_York"}}
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "runscheduler", "--list", "--settings=tests.scheduling.settings"],
+        cwd=ROOT,
+        env={**os.environ, "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "nightly: sched.tick | 30 2 * * * | America/New_York | catch_up=latest"
+    assert len(lines) == 6 and all(
+        re.fullmatch(r"    \d{4}-\d\d-\d\dT0[23]:[03]0:00-0[45]:00", x) for x in lines[1:]
+    )
