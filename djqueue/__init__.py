@@ -7,8 +7,9 @@ Decorate functions with ``@actor`` in an app's ``tasks.py``, call ``.send()``, a
 from __future__ import annotations
 
 from .actor import Actor, actor
-from .brokers import get_broker, set_broker
+from .brokers import cancel, get_broker, set_broker
 from .brokers.base import Broker, Consumer, MessageProxy, QueueStats
+from .composition import group, pipeline
 from .errors import (
     ActorNotFound,
     BrokerError,
@@ -56,7 +57,10 @@ __all__ = [
     "TimeLimitExceeded",
     "Worker",
     "actor",
+    "cancel",
     "get_broker",
     "get_current_message",
+    "group",
+    "pipeline",
     "set_broker",
 ]

@@ -127,9 +127,9 @@ class Message:
 
     def cancel(self) -> bool:
         """Remove this message from its queue before it starts; True if it was found."""
-        from .brokers import get_broker
+        from .brokers import cancel
 
-        return get_broker().cancel(self.message_id, queue_name=self.queue_name)
+        return cancel(self.message_id, queue_name=self.queue_name)
 
     def __or__(self, other: Message | pipeline) -> pipeline:
         from .composition import pipeline

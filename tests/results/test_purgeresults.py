@@ -1,0 +1,45 @@
+"""manage.py purgeresults: expired rows go, in batches; live ones stay."""
+
+from __future__ import annotations
+
+import datetime as dt
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from djqueue.models import TaskResult
+from djqueue.results import set_result_backend
+from djqueue.results.database import DatabaseResultBackend
+
+pytestmark = pytest.mark.django_db
+
+
+def test_expired_results_are_purged_and_live_ones_kept():
+    set_result_backend(DatabaseResultBackend(ttl=60_000))
+    try:
+        now = timezone.now()
+        TaskResult.objects.bulk_create(
+            TaskResult(
+                message_id=f"old-{n}",
+                actor_name="a",
+                queue_name="q",
+                status="succeeded",
+                expires_at=now - dt.timedelta(seconds=1),
+            )
+            for n in range(7)
+        )
+        TaskResult.objects.create(
+            message_id="live",
+            actor_name="a",
+            queue_name="q",
+            status="succeeded",
+            expires_at=now + dt.timedelta(hours=1),
+        )
+        out = StringIO()
+        call_command("purgeresults", "--batch-size", "3", stdout=out)
+        assert "Deleted 7 expired results." in out.getvalue()
+        assert list(TaskResult.objects.values_list("message_id", flat=True)) == ["live"]
+    finally:
+        set_result_backend(None)
