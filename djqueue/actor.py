@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from . import conf
 from .brokers.base import validate_queue_name
 from .errors import ConfigurationError
 from .message import Message, current_millis
@@ -92,7 +93,7 @@ class Actor(Generic[P, R]):
 
     def send(self, *args: P.args, **kwargs: P.kwargs) -> Message:
         """Enqueue a message for this actor; returns it (its ``message_id`` identifies the job)."""
-        return self.send_with_options(args=args, kwargs=kwargs)
+        return self.send_with_options(args=args, kwargs=kwargs)  # type: ignore[return-value]
 
     def send_with_options(
         self,
@@ -102,8 +103,13 @@ class Actor(Generic[P, R]):
         delay: int | None = None,
         eta: datetime | None = None,
         **options: Any,
-    ) -> Message:
-        """Enqueue with per-message options. ``delay`` is in ms; ``eta`` an aware datetime."""
+    ) -> Message | None:
+        """Enqueue with per-message options. ``delay`` is in ms; ``eta`` an aware datetime.
+
+        Returns the message, or None when ``unique_key=`` is held by another pending
+        message. With ``DJQUEUE["ENQUEUE_ON_COMMIT"]`` the message is enqueued when the
+        current transaction commits (dropped on rollback) and returned at once.
+        """
         if eta is not None:
             if delay is not None:
                 raise ConfigurationError("pass either delay= or eta=, not both")
@@ -113,7 +119,34 @@ class Actor(Generic[P, R]):
         if delay is not None and (not isinstance(delay, int | float) or delay < 0):
             raise ConfigurationError(f"delay= must be a number of milliseconds >= 0, not {delay!r}")
         message = self.message_with_options(args=args, kwargs=kwargs, **options)
+        if _enqueue_on_commit():
+            return self._send_on_commit(message, delay)
+        return self._enqueue(message, delay)
+
+    def _enqueue(self, message: Message, delay: int | None) -> Message | None:
+        if "unique_key" in message.options:
+            from .middleware.unique import enqueue_unique
+
+            return enqueue_unique(self.broker, message, delay)
         return self.broker.enqueue(message, delay=delay)
+
+    def _send_on_commit(self, message: Message, delay: int | None) -> Message | None:
+        from django.db import transaction
+
+        if "unique_key" in message.options:
+            from .middleware.unique import UniqueJobs
+
+            # Only look now: a key claimed by a transaction that rolls back would stay
+            # held until its TTL. The claim itself happens at commit.
+            unique = self.broker.get_middleware(UniqueJobs)
+            if unique is not None and unique.holder(message) is not None:
+                return None
+        if delay:
+            # The delay counts from the call, as it would without ENQUEUE_ON_COMMIT, and
+            # the message returned now carries the eta it will be stored with.
+            message = message.copy(options={"eta": current_millis() + int(delay)})
+        transaction.on_commit(lambda: self._enqueue(message, None))
+        return message
 
     def send_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> Message:
         """Enqueue when the current database transaction commits (at once outside one).
@@ -205,6 +238,13 @@ def actor(
     if fn is None:
         return decorator
     return decorator(fn)
+
+
+def _enqueue_on_commit() -> bool:
+    from django.conf import settings
+
+    # Brokers may be used before (or without) Django settings; then there is no transaction.
+    return settings.configured and bool(conf.get("ENQUEUE_ON_COMMIT"))
 
 
 def _origin(fn: Callable[..., Any]) -> str:

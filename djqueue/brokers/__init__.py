@@ -17,6 +17,7 @@ __all__ = [
     "MessageProxy",
     "QueueStats",
     "broker_from_url",
+    "cancel",
     "get_broker",
     "mask_url",
     "set_broker",
@@ -89,3 +90,11 @@ def set_broker(broker: Broker | None) -> Broker | None:
     global _broker
     _broker = broker
     return broker
+
+
+def cancel(message_id: str, *, queue_name: str | None = None) -> bool:
+    """Remove a queued or delayed message from the current broker before it starts, and
+    free its unique key; True if it was found. ``queue_name`` narrows the search."""
+    from ..middleware.unique import cancel_message
+
+    return cancel_message(get_broker(), message_id, queue_name)

@@ -11,13 +11,17 @@ __all__ = ["DEFAULT_MIDDLEWARE", "Middleware", "default_middleware", "load_middl
 # The default stack, in order. Dotted paths so that DJQUEUE["MIDDLEWARE"] can list
 # the same strings; brokers that are built outside Django get the same stack.
 DEFAULT_MIDDLEWARE = [
+    "djqueue.middleware.unique.UniqueJobs",
     "djqueue.middleware.max_deliveries.MaxDeliveries",
     "djqueue.middleware.age_limit.AgeLimit",
     "djqueue.middleware.time_limit.TimeLimit",
     "djqueue.middleware.shutdown.ShutdownNotifications",
+    "djqueue.middleware.callbacks.Callbacks",
+    "djqueue.middleware.pipelines.Pipelines",
     "djqueue.middleware.retries.Retries",
     "djqueue.middleware.current_message.CurrentMessage",
     "djqueue.middleware.db_connections.DbConnections",
+    "djqueue.middleware.results.Results",
     "djqueue.middleware.asyncio.AsyncIO",
     "djqueue.middleware.dead_letters.DeadLetters",
 ]

@@ -54,3 +54,6 @@ def always_fail(value: object = None) -> None:
 @actor(actor_name="fail_fast", throws=(KeyError,))
 def fail_fast(value: object = None) -> None:
     raise KeyError(value)
+
+
+from tests.testapp import tasks_limits  # noqa: E402,F401
