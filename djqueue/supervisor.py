@@ -41,6 +41,7 @@ class WorkerConfig:
     log_file: str | None = None
     log_level: str = "INFO"
     prefetch: int | None = None
+    metrics: bool = False  # add the Prometheus middleware (runworkers --metrics-port)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,6 +81,14 @@ def worker_process_main(config: WorkerConfig, index: int) -> None:
         from .worker import Worker
 
         broker = get_broker()
+        from .middleware.heartbeats import Heartbeats
+
+        if broker.get_middleware(Heartbeats) is None:
+            broker.add_middleware(Heartbeats())
+        if config.metrics:
+            from .middleware.prometheus import Prometheus
+
+            Prometheus.install(broker)
         worker = Worker(broker, queues=config.queues, worker_threads=config.threads, prefetch=config.prefetch)
         worker.start()
     except Exception:
@@ -115,12 +124,14 @@ class Supervisor:
         pid_file: str | None = None,
         watch: list[Path] | None = None,
         extra_processes: list[tuple[str, Callable[..., None], tuple[Any, ...]]] | None = None,
+        on_worker_exit: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
         self.processes = processes
         self.pid_file = pid_file
         self.watch = watch
         self.extra_processes = extra_processes or []
+        self.on_worker_exit = on_worker_exit  # called with the pid of each worker that exited
         self.context = multiprocessing.get_context("spawn")
         self.children: dict[int, _Child] = {}
         self.extra_children: dict[str, multiprocessing.process.BaseProcess] = {}
@@ -234,7 +245,7 @@ class Supervisor:
             logger.error(
                 "worker process %d (pid %s) exited with %s; restarting", index, child.process.pid, code
             )
-            child.process.close()
+            self._worker_exited(child)
             if delay:
                 time.sleep(delay)
             self._start(index)
@@ -245,6 +256,14 @@ class Supervisor:
                 process.close()
                 self._start_extra(name, target, args)
 
+    def _worker_exited(self, child: _Child) -> None:
+        if self.on_worker_exit is not None and child.process.pid is not None:
+            try:
+                self.on_worker_exit(child.process.pid)
+            except Exception:
+                logger.exception("on_worker_exit failed for pid %s", child.process.pid)
+        child.process.close()
+
     def _restart_all(self) -> None:
         self._signal_all(signal.SIGTERM)
         timeout = self.config.shutdown_timeout / 1000 + 5
@@ -252,7 +271,7 @@ class Supervisor:
             self._signal_all(signal.SIGKILL)
             self._wait_all(5)
         for child in self.children.values():
-            child.process.close()
+            self._worker_exited(child)
         for process in self.extra_children.values():
             process.close()
         self.children.clear()

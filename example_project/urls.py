@@ -1,4 +1,8 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+urlpatterns = [
+    # Before the admin's URLs, whose catch-all would answer first.
+    path("admin/djqueue/dashboard/", include("djqueue.dashboard")),
+    path("admin/", admin.site.urls),
+]

@@ -128,12 +128,14 @@ def start_workers(
         **(env or {}),
     }
     log = tmp_path / f"{command}-{time.monotonic_ns()}.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "django", command, *args],
-        cwd=ROOT,
-        env=environ,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    # The child writes to its own copy of the descriptor; ours is closed at once.
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "django", command, *args],
+            cwd=ROOT,
+            env=environ,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     return Workers(process, log)

@@ -67,8 +67,10 @@ def ids_seen(record_dir) -> set[str]:
 
 
 def test_1000_messages_across_2_processes_x_4_threads(broker, broker_url, queue, record_dir, workers):
-    sent = {send(broker, record, n, queue=queue).message_id for n in range(1000)}
     w = workers(broker_url, "--processes", "2", "--threads", "4", "--queues", queue)
+    # Both processes consuming before the burst, so the work is shared between them.
+    wait_for(lambda: w.output().count("started (pid") == 2, message="two worker processes consuming")
+    sent = {send(broker, record, n, queue=queue).message_id for n in range(1000)}
     wait_for(lambda: ids_seen(record_dir) >= sent, timeout=120, message="1000 messages")
     pids = {pid for _, pid, _ in read_records(record_dir)}
     assert len(pids) == 2, "both worker processes took work"

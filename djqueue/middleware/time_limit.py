@@ -39,6 +39,9 @@ class TimeLimit(Middleware):
         self._heap: list[tuple[float, int, str]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        # When the monitor wakes next (None: not until notified). New deadlines are
+        # almost always later than it, so most messages need not wake the monitor.
+        self._wake_at: float | None = None
 
     def _limit_for(self, broker: Any, message: Any) -> int | None:
         value = message.options.get("time_limit")
@@ -55,11 +58,18 @@ class TimeLimit(Middleware):
         thread_id = threading.get_ident()
         with self._cond:
             self._deadlines[thread_id] = (deadline, message.message_id)
-            heapq.heappush(self._heap, (deadline, thread_id, message.message_id))
+            heap = self._heap
+            # Entries of finished messages stay in the heap until they are due; drop
+            # them when the heap is mostly stale, so it stays small (amortized O(1)).
+            if len(heap) > 64 and len(heap) > 4 * len(self._deadlines):
+                live = self._deadlines
+                heap = self._heap = [(d, t, m) for d, t, m in heap if live.get(t) == (d, m)]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (deadline, thread_id, message.message_id))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._monitor, name="djqueue-time-limit", daemon=True)
                 self._thread.start()
-            elif self._heap[0][1] == thread_id:
+            elif self._wake_at is None or deadline < self._wake_at:
                 self._cond.notify()
 
     def after_process_message(self, broker: Any, message: Any, **kwargs: Any) -> None:
@@ -78,10 +88,6 @@ class TimeLimit(Middleware):
                         del self._deadlines[thread_id]
                         logger.warning("message %s exceeded its time limit", message_id)
                         raise_in_thread(thread_id, TimeLimitExceeded)
-                # Entries of finished messages stay in the heap until they are due;
-                # drop them when the heap is mostly stale so it stays small.
-                if len(self._heap) > 64 and len(self._heap) > 4 * len(self._deadlines):
-                    self._heap = [(d, t, m) for d, t, m in self._heap if self._deadlines.get(t) == (d, m)]
-                    heapq.heapify(self._heap)
-                timeout = self._heap[0][0] - now if self._heap else None
+                self._wake_at = self._heap[0][0] if self._heap else None
+                timeout = self._wake_at - now if self._wake_at is not None else None
                 self._cond.wait(timeout)

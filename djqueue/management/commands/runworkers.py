@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandError
 
 from djqueue import __version__, conf
 from djqueue.brokers import get_broker
 from djqueue.supervisor import Supervisor, WorkerConfig, configure_logging
+
+if TYPE_CHECKING:
+    from djqueue.metrics import MetricsServer
 
 
 def _positive(value: str) -> int:
@@ -60,6 +63,19 @@ class Command(BaseCommand):
             default=None,
             help="unacked messages per queue and process (default: threads x 2)",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=_positive,
+            default=None,
+            metavar="PORT",
+            help="serve Prometheus metrics of every worker process at http://HOST:PORT/metrics",
+        )
+        parser.add_argument(
+            "--metrics-host",
+            default="127.0.0.1",
+            metavar="HOST",
+            help="address the metrics endpoint listens on (default 127.0.0.1; 0.0.0.0 for all)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         broker = get_broker()
@@ -81,19 +97,48 @@ class Command(BaseCommand):
             log_file=options["log_file"],
             log_level="DEBUG" if options["verbosity"] >= 3 else "INFO",
             prefetch=options["prefetch"],
+            metrics=options["metrics_port"] is not None,
         )
         configure_logging(config.log_file, config.log_level)
         watch = [Path.cwd()] if options["watch"] else None
+        metrics = self._start_metrics(options, broker, queues or declared)
         self.stdout.write(
             f"djqueue {__version__} | broker {broker.describe()} | "
             f"queues {', '.join(sorted(queues or declared))} | {len(broker.actors)} actors | "
             f"{options['processes']} processes x {options['threads']} threads | pid {os.getpid()}"
             + (" | watching for code changes" if watch else "")
+            + (f" | metrics {metrics.url}" if metrics else "")
         )
         self.stdout.flush()
         supervisor = Supervisor(
-            config, processes=options["processes"], pid_file=options["pid_file"], watch=watch
+            config,
+            processes=options["processes"],
+            pid_file=options["pid_file"],
+            watch=watch,
+            on_worker_exit=metrics.process_exited if metrics else None,
         )
-        code = supervisor.run()
+        try:
+            code = supervisor.run()
+        finally:
+            if metrics:
+                metrics.stop()
         if code:
             raise SystemExit(code)
+
+    def _start_metrics(
+        self, options: dict[str, Any], broker: Any, queues: list[str] | set[str]
+    ) -> MetricsServer | None:
+        if options["metrics_port"] is None:
+            return None
+        from djqueue.metrics import MetricsServer
+
+        server = MetricsServer(
+            options["metrics_port"], host=options["metrics_host"], broker=broker, queues=queues
+        )
+        try:
+            server.start()
+        except ImportError as e:
+            raise CommandError(str(e))
+        except OSError as e:
+            raise CommandError(f"cannot serve metrics on {server.url}: {e}; choose another --metrics-port")
+        return server
