@@ -135,7 +135,9 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.children: dict[int, _Child] = {}
         self.extra_children: dict[str, multiprocessing.process.BaseProcess] = {}
-        self.failures: dict[int, int] = {}
+        self.extra_started: dict[str, float] = {}
+        self.pending: dict[int | str, float] = {}  # process key -> when to restart it
+        self.failures: dict[int | str, int] = {}
         self.signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -157,6 +159,7 @@ class Supervisor:
         process = self.context.Process(target=target, args=args, name=f"djqueue-{name}", daemon=False)
         process.start()
         self.extra_children[name] = process
+        self.extra_started[name] = time.monotonic()
 
     def _all_processes(self) -> list[multiprocessing.process.BaseProcess]:
         return [c.process for c in self.children.values()] + list(self.extra_children.values())
@@ -212,7 +215,7 @@ class Supervisor:
         last_scan = time.monotonic()
         while True:
             sentinels = [p.sentinel for p in self._all_processes()]
-            wait([*sentinels, self._wake_r], timeout=1.0)
+            wait([*sentinels, self._wake_r], timeout=self._next_wait())
             try:
                 while self._wake_r.recv(64):
                     pass
@@ -235,26 +238,50 @@ class Supervisor:
                     self._restart_all()
 
     def _reap(self) -> None:
+        """Notice dead processes and restart them; one that keeps dying soon after its
+        start waits longer each time (up to 30 s), without blocking this loop."""
+        now = time.monotonic()
         for index, child in list(self.children.items()):
             if child.process.is_alive():
                 continue
-            code = child.process.exitcode
-            lived = time.monotonic() - child.started_at
-            self.failures[index] = self.failures.get(index, 0) + 1 if lived < 5 else 0
-            delay = min(0.5 * 2 ** max(self.failures[index] - 1, 0), 30.0) if self.failures[index] else 0.0
             logger.error(
-                "worker process %d (pid %s) exited with %s; restarting", index, child.process.pid, code
+                "worker process %d (pid %s) exited with %s; restarting",
+                index,
+                child.process.pid,
+                child.process.exitcode,
             )
+            self.pending[index] = now + self._backoff(index, now - child.started_at)
             self._worker_exited(child)
-            if delay:
-                time.sleep(delay)
-            self._start(index)
+            del self.children[index]
         for name, process in list(self.extra_children.items()):
-            if not process.is_alive():
-                logger.error("%s process exited with %s; restarting", name, process.exitcode)
-                target, args = next((t, a) for n, t, a in self.extra_processes if n == name)
-                process.close()
-                self._start_extra(name, target, args)
+            if process.is_alive():
+                continue
+            logger.error("%s process exited with %s; restarting", name, process.exitcode)
+            self.pending[name] = now + self._backoff(name, now - self.extra_started[name])
+            process.close()
+            del self.extra_children[name]
+        for key, due in list(self.pending.items()):
+            if due <= now:
+                del self.pending[key]
+                self._start_key(key)
+
+    def _backoff(self, key: int | str, lived: float) -> float:
+        self.failures[key] = self.failures.get(key, 0) + 1 if lived < 5 else 0
+        if not self.failures[key]:
+            return 0.0
+        return min(0.5 * 2 ** (self.failures[key] - 1), 30.0)
+
+    def _start_key(self, key: int | str) -> None:
+        if isinstance(key, int):
+            self._start(key)
+        else:
+            target, args = next((t, a) for n, t, a in self.extra_processes if n == key)
+            self._start_extra(key, target, args)
+
+    def _next_wait(self) -> float:
+        if not self.pending:
+            return 1.0
+        return max(0.0, min(1.0, min(self.pending.values()) - time.monotonic()))
 
     def _worker_exited(self, child: _Child) -> None:
         if self.on_worker_exit is not None and child.process.pid is not None:
@@ -276,6 +303,7 @@ class Supervisor:
             process.close()
         self.children.clear()
         self.extra_children.clear()
+        self.pending.clear()
         for index in range(self.processes):
             self._start(index)
         for name, target, args in self.extra_processes:

@@ -188,3 +188,26 @@ def test_runscheduler_list_in_a_process():
     assert len(lines) == 6 and all(
         re.fullmatch(r"    \d{4}-\d\d-\d\dT0[23]:[03]0:00-0[45]:00", x) for x in lines[1:]
     )
+
+
+def test_runworkers_with_scheduler_fires_and_runs_ticks(processes, record_dir):
+    alias = "default"
+    queue = f"sched_{uuid.uuid4().hex[:8]}"
+    name = f"inproc-{uuid.uuid4().hex[:6]}"
+    crontabs = {name: {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue}}
+    workers = processes(
+        "db://default",
+        crontabs,
+        "--processes", "1", "--threads", "2", "--queues", queue, "--scheduler",
+        command="runworkers",
+    )  # fmt: skip
+    wait_for(lambda: len(runs(alias, name)) >= 2, timeout=60, message="two ticks")
+    wait_for(
+        lambda: {r.message_id for r in runs(alias, name)[:2]} <= {m for m, _, _ in read_records(record_dir)},
+        timeout=30,
+        message="the ticks executed by the same runworkers",
+    )
+    assert workers.stop() == 0
+    assert "with the scheduler" in workers.output()
+    fire_times = [r.fire_time for r in runs(alias, name)]
+    assert all(b - a == timedelta(seconds=2) for a, b in itertools.pairwise(fire_times))

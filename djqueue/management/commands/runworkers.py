@@ -64,6 +64,11 @@ class Command(BaseCommand):
             help="unacked messages per queue and process (default: threads x 2)",
         )
         parser.add_argument(
+            "--scheduler",
+            action="store_true",
+            help="also run the crontab scheduler (DJQUEUE['CRONTABS']) in a process of its own",
+        )
+        parser.add_argument(
             "--metrics-port",
             type=_positive,
             default=None,
@@ -107,6 +112,7 @@ class Command(BaseCommand):
             f"queues {', '.join(sorted(queues or declared))} | {len(broker.actors)} actors | "
             f"{options['processes']} processes x {options['threads']} threads | pid {os.getpid()}"
             + (" | watching for code changes" if watch else "")
+            + (" | with the scheduler" if options["scheduler"] else "")
             + (f" | metrics {metrics.url}" if metrics else "")
         )
         self.stdout.flush()
@@ -116,6 +122,7 @@ class Command(BaseCommand):
             pid_file=options["pid_file"],
             watch=watch,
             on_worker_exit=metrics.process_exited if metrics else None,
+            extra_processes=self._extra_processes(options, config),
         )
         try:
             code = supervisor.run()
@@ -124,6 +131,13 @@ class Command(BaseCommand):
                 metrics.stop()
         if code:
             raise SystemExit(code)
+
+    def _extra_processes(self, options: dict[str, Any], config: WorkerConfig) -> list[Any]:
+        if not options["scheduler"]:
+            return []
+        from djqueue.scheduling.scheduler import scheduler_process_main
+
+        return [("scheduler", scheduler_process_main, (config.log_file, config.log_level))]
 
     def _start_metrics(
         self, options: dict[str, Any], broker: Any, queues: list[str] | set[str]
