@@ -43,3 +43,17 @@ def test_expired_results_are_purged_and_live_ones_kept():
         assert list(TaskResult.objects.values_list("message_id", flat=True)) == ["live"]
     finally:
         set_result_backend(None)
+
+
+def test_expired_django_task_results_are_purged_too():
+    from djqueue.models import DjangoTaskResult
+
+    now = timezone.now()
+    for n, expires in enumerate([now - dt.timedelta(seconds=1)] * 4 + [now + dt.timedelta(hours=1)]):
+        DjangoTaskResult.objects.create(
+            id=f"task-{n}", task_path="app.tasks.f", backend="default", queue_name="q", expires_at=expires
+        )
+    out = StringIO()
+    call_command("purgeresults", "--batch-size", "3", stdout=out)
+    assert "Deleted 4 expired results." in out.getvalue()
+    assert list(DjangoTaskResult.objects.values_list("id", flat=True)) == ["task-4"]

@@ -22,4 +22,24 @@ class Command(BaseCommand):
         if options["batch_size"] < 1:
             raise CommandError("--batch-size must be at least 1")
         deleted = get_result_backend().purge_expired(batch_size=options["batch_size"])
+        deleted += purge_expired_task_results(options["batch_size"])
         self.stdout.write(f"Deleted {deleted} expired results.")
+
+
+def purge_expired_task_results(batch_size: int) -> int:
+    """Expired results of Django ``@task`` functions, a batch at a time (each batch a
+    short statement, so the table is never locked for long)."""
+    from django.utils import timezone
+
+    from djqueue.models import DjangoTaskResult
+
+    deleted = 0
+    while True:
+        ids = list(
+            DjangoTaskResult.objects.filter(expires_at__lt=timezone.now()).values_list("pk", flat=True)[
+                :batch_size
+            ]
+        )
+        if not ids:
+            return deleted
+        deleted += DjangoTaskResult.objects.filter(pk__in=ids).delete()[0]
