@@ -1,0 +1,633 @@
+"""RabbitMQ-specific behaviour of the RabbitMQ broker, against the real server on
+127.0.0.1:5672. The behaviour every broker shares is in test_contract.py."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+from urllib.parse import quote
+
+import pika
+import pytest
+from pika import spec
+
+from djqueue import Worker, actor
+from djqueue.brokers.rabbitmq import (
+    DELAY_LEVELS,
+    RabbitmqBroker,
+    dead_letter_queue,
+    delay_route,
+    publish_frames,
+)
+from djqueue.errors import ConfigurationError, ConnectionError
+from djqueue.message import Message, current_millis
+from tests.process import wait_for
+
+pytestmark = pytest.mark.rabbitmq
+
+URL = os.environ.get("DJQUEUE_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@pytest.fixture
+def make_broker():
+    """Brokers with no middleware; every queue they declared is deleted afterwards."""
+    brokers: list[RabbitmqBroker] = []
+
+    def make(**options: object) -> RabbitmqBroker:
+        options.setdefault("middleware", [])
+        broker = RabbitmqBroker(url=options.pop("url", URL), **options)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        for queue_name in broker.get_declared_queues():
+            try:
+                broker.delete_queue(queue_name)
+            except Exception:
+                pass
+        broker.close()
+
+
+@pytest.fixture
+def broker(make_broker):
+    return make_broker()
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"rq_{uuid.uuid4().hex[:10]}"
+
+
+def message(queue: str, value: object = None, **options: object) -> Message:
+    return Message(queue_name=queue, actor_name="record", args=(value,), kwargs={}, options=dict(options))
+
+
+def take(consumer, timeout: float = 10.0):
+    return wait_for(lambda: next(consumer), timeout=timeout, interval=0, message="a message")
+
+
+def raw_channel():
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    return connection, connection.channel()
+
+
+def close_connection(name: str) -> None:
+    """Make RabbitMQ drop the client connection that introduced itself as ``name``."""
+
+    def find() -> str | None:
+        listing = subprocess.run(
+            ["rabbitmqctl", "-s", "list_connections", "pid", "client_properties"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        for line in listing.splitlines():
+            pid, _, properties = line.partition("\t")
+            if f'{{"connection_name","{name}"}}' in properties:
+                return pid
+        return None
+
+    server_name = wait_for(find, timeout=30, interval=0.2, message=f"connection {name!r}")
+    subprocess.run(["rabbitmqctl", "close_connection", server_name, "test"], check=True, timeout=60)
+
+
+# -- without a server -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("priority", [0, 7])
+@pytest.mark.parametrize("size", [0, 10, 300_000])
+def test_hand_written_publish_frames_equal_pikas(priority, size):
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    frame_max = 131072
+    expected = pika.frame.Method(
+        1, spec.Basic.Publish(exchange="djqueue.delay.3", routing_key="0.1.q", mandatory=True)
+    ).marshal()
+    properties = pika.BasicProperties(delivery_mode=2, priority=priority or None)
+    expected += pika.frame.Header(1, len(body), properties).marshal()
+    for start in range(0, len(body), frame_max - 8):
+        expected += pika.frame.Body(1, body[start : start + frame_max - 8]).marshal()
+    assert publish_frames(b"djqueue.delay.3", b"0.1.q", body, priority, frame_max) == expected
+
+
+@pytest.mark.parametrize("delay", [1, 2, 3, 500, 1500, 86_400_000, 2**DELAY_LEVELS - 1])
+def test_delay_route_visits_one_level_per_set_bit(delay):
+    exchange, key = delay_route("my.queue", delay)
+    words = key.split(".")
+    bits, tail = words[:DELAY_LEVELS], words[DELAY_LEVELS:]
+    assert tail == ["my", "queue"]
+    levels = [DELAY_LEVELS - 1 - i for i, bit in enumerate(bits) if bit == "1"]
+    # The time spent in the levels (2**level ms each) adds up to the delay exactly.
+    assert sum(2**level for level in levels) == delay
+    assert exchange == f"djqueue.delay.{max(levels)}"
+
+
+def test_delays_are_clamped_to_the_levels():
+    assert delay_route("q", 0) == delay_route("q", 1)
+    assert delay_route("q", 10**15) == delay_route("q", 2**DELAY_LEVELS - 1)
+
+
+def test_from_url_does_not_connect_and_describe_masks_the_password():
+    broker = RabbitmqBroker.from_url(
+        "amqp://user:s3cret@10.255.255.1:5672/%2F;amqps://user:s3cret@10.255.255.2/vhost", middleware=[]
+    )
+    assert broker.urls == [
+        "amqp://user:s3cret@10.255.255.1:5672/%2F",
+        "amqps://user:s3cret@10.255.255.2/vhost",
+    ]
+    assert "s3cret" not in broker.describe() and "***" in broker.describe()
+    broker.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://localhost", "amqp://host/%2F?heartbeat=abc", "amqp://ok/%2F;http://bad", "localhost:5672"],
+)
+def test_check_url_rejects_bad_urls(url):
+    with pytest.raises(ConfigurationError):
+        RabbitmqBroker.check_url(url)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"queue_type": "stream"}, {"max_priority": 256}, {"max_unconfirmed": 0}, {"confirm_timeout": -1}],
+)
+def test_bad_options_are_refused(options):
+    with pytest.raises(ConfigurationError):
+        RabbitmqBroker(url=URL, middleware=[], **options)
+
+
+# -- one consumer -----------------------------------------------------------------------
+
+
+def test_enqueue_consume_ack_with_durable_persistent_messages(broker, queue):
+    sent = broker.enqueue(message(queue, 1))
+    connection, channel = raw_channel()
+    try:
+        method, properties, body = channel.basic_get(queue)
+        assert properties.delivery_mode == 2 and Message.decode(body).message_id == sent.message_id
+        channel.basic_nack(method.delivery_tag, requeue=True)
+        # Re-declaring with the broker's arguments succeeds: they are what the queue has.
+        channel.queue_declare(queue, durable=True, passive=False, arguments=broker._queue_arguments(queue))
+    finally:
+        connection.close()
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    proxy = take(consumer)
+    assert proxy.message_id == sent.message_id and proxy.delivery_count == 2  # the basic_get above
+    consumer.ack(proxy)
+    wait_for(lambda: broker.get_queue_stats(queue)[:3] == (0, 0, 0), message="the ack")
+    consumer.close()
+
+
+def test_nack_moves_the_message_to_the_dead_letter_queue(make_broker, queue):
+    broker = make_broker(dead_letter_ttl=60_000)
+    sent = broker.enqueue(message(queue, "bad"))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    consumer.nack(take(consumer))
+    wait_for(lambda: broker.get_queue_stats(queue).dead == 1, message="the dead letter")
+    connection, channel = raw_channel()
+    try:
+        # Declaring it with an x-message-ttl of dead_letter_ttl succeeds: that is its TTL.
+        channel.queue_declare(dead_letter_queue(queue), durable=True, arguments={"x-message-ttl": 60_000})
+        method, properties, body = channel.basic_get(dead_letter_queue(queue))
+        assert Message.decode(body).message_id == sent.message_id
+        assert properties.headers["x-death"][0]["reason"] == "rejected"
+        channel.basic_nack(method.delivery_tag, requeue=True)
+    finally:
+        connection.close()
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+    consumer.close()
+
+
+def test_a_long_delay_does_not_hold_up_a_shorter_one(broker, queue):
+    broker.declare_queue(queue)
+    broker._declare_delays(queue)
+    start = time.monotonic()
+    late = broker.enqueue(message(queue, "late"), delay=2500)
+    soon = broker.enqueue(message(queue, "soon"), delay=300)
+    middle = broker.enqueue(message(queue, "middle"), delay=1100)
+    assert broker.get_queue_stats(queue)[:2] == (0, 3)
+    consumer = broker.consume(queue, prefetch=3, timeout=50)
+    arrivals = {}
+    while len(arrivals) < 3:
+        proxy = take(consumer)
+        arrivals[proxy.message_id] = time.monotonic() - start
+        consumer.ack(proxy)
+    consumer.close()
+    for sent, delay in ((soon, 0.3), (middle, 1.1), (late, 2.5)):
+        # Never early; late by no more than the hops through the levels take.
+        assert delay <= arrivals[sent.message_id] < delay + 1.0, (delay, arrivals)
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+def test_a_message_that_arrives_before_its_eta_goes_round_again(broker, queue):
+    # What a delay longer than the levels cover (about 12 days) does: here, an eta in a
+    # message published straight to the queue.
+    eta = current_millis() + 1500
+    broker.enqueue_raw(queue, message(queue, "later", eta=eta).encode())
+    consumer = broker.consume(queue, prefetch=1, timeout=50)
+    proxy = take(consumer)
+    assert current_millis() >= eta - 5
+    consumer.ack(proxy)
+    consumer.close()
+
+
+def test_higher_priority_first_and_priorities_are_clamped(broker, queue):
+    for priority in (1, 50, 5, -3):
+        broker.enqueue(message(queue, priority, priority=priority))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    seen = []
+    for _ in range(4):
+        proxy = take(consumer)
+        seen.append(proxy.message.priority)
+        consumer.ack(proxy)
+    consumer.close()
+    assert seen == [50, 5, 1, -3]
+
+
+def test_malformed_payloads_are_yielded_as_malformed_and_consuming_goes_on(broker, queue):
+    broker.enqueue_raw(queue, b"\x00\xffnot json")
+    good = broker.enqueue(message(queue, "good"))
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    bad = take(consumer)
+    assert bad.decode_error is not None and bad.failed and bad.data == b"\x00\xffnot json"
+    consumer.nack(bad)
+    assert take(consumer).message_id == good.message_id
+    wait_for(lambda: broker.get_queue_stats(queue).dead == 1, message="the malformed dead letter")
+    consumer.close()
+
+
+def test_close_gives_unacked_messages_back_and_they_come_back_redelivered(broker, queue):
+    sent = {broker.enqueue(message(queue, n)).message_id for n in range(3)}
+    consumer = broker.consume(queue, prefetch=3, timeout=100)
+    first = [take(consumer) for _ in range(3)]
+    assert {p.delivery_count for p in first} == {1}
+    consumer.requeue(first[:1])
+    consumer.close()
+    again = broker.consume(queue, prefetch=3, timeout=100)
+    second = [take(again) for _ in range(3)]
+    assert {p.message_id for p in second} == sent
+    assert {p.delivery_count for p in second} == {2}
+    for proxy in second:
+        again.ack(proxy)
+    wait_for(lambda: broker.get_queue_stats(queue)[:3] == (0, 0, 0), message="acks")
+    again.close()
+
+
+def test_acks_from_worker_threads_land_while_the_consumer_waits(broker, queue):
+    for n in range(2):
+        broker.enqueue(message(queue, n))
+    consumer = broker.consume(queue, prefetch=1, timeout=5_000)
+    proxy = take(consumer)
+    # The consumer thread is about to block for up to 5 s; an ack from another thread
+    # must reach RabbitMQ (freeing the prefetch slot) long before that.
+    timer = threading.Timer(0.2, consumer.ack, args=(proxy,))
+    timer.start()
+    start = time.monotonic()
+    second = next(consumer)
+    assert second is not None and time.monotonic() - start < 2
+    consumer.ack(second)
+    consumer.close()
+    timer.join()
+
+
+def test_a_job_s_own_enqueues_are_confirmed_before_its_ack(broker, queue):
+    broker.enqueue(message(queue, "job"))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    proxy = take(consumer)
+
+    def run_job() -> None:
+        broker.enqueue(message(queue, "follow-up"))
+        consumer.ack(proxy)
+        assert not broker._publisher().waiting()
+
+    thread = threading.Thread(target=run_job)
+    thread.start()
+    thread.join()
+    assert take(consumer).args == ("follow-up",)
+    consumer.close()
+
+
+def test_stats_purge_and_no_cancel(broker, queue):
+    ready = broker.enqueue(message(queue, 1))
+    broker.enqueue(message(queue, 2), delay=60_000)
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    consumer.nack(take(consumer))
+    broker.enqueue(message(queue, 3))
+    # The freed prefetch slot takes message 3 at once: in flight, not ready.
+    wait_for(lambda: broker.get_queue_stats(queue) == (0, 1, 1, 1), message="1 delayed, 1 in flight, 1 dead")
+    consumer.close()
+    wait_for(lambda: broker.get_queue_stats(queue) == (1, 1, 0, 1), message="1 ready, 1 delayed, 1 dead")
+    assert broker.supports_cancel is False and broker.cancel(ready.message_id) is False
+    broker.purge(queue)
+    assert broker.get_queue_stats(queue) == (0, 0, 0, 0)
+
+
+def test_changed_queue_arguments_raise_a_clear_error(make_broker, queue):
+    make_broker(max_priority=10).declare_queue(queue)
+    with pytest.raises(ConfigurationError, match="x-max-priority"):
+        make_broker(max_priority=5).declare_queue(queue)
+
+
+def test_a_deleted_queue_is_declared_again_instead_of_dropping_messages(broker, queue):
+    broker.enqueue(message(queue, 1))
+    connection, channel = raw_channel()
+    channel.queue_delete(queue)
+    connection.close()
+    # The broker still believes the queue exists; RabbitMQ returns the message as
+    # unroutable, and the broker declares the queue again and publishes it again.
+    again = broker.enqueue(message(queue, 2))
+    broker.flush()
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    assert take(consumer).message_id == again.message_id
+    consumer.close()
+
+
+# -- connections ------------------------------------------------------------------------
+
+
+def test_unreachable_broker_raises_connection_error(make_broker, queue):
+    broker = make_broker(url="amqp://guest:guest@127.0.0.1:1/%2F", confirm_timeout=500)
+    broker.queues.add(queue)  # skip the (unreachable) declaration
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot"):
+        broker.enqueue(message(queue, 1))
+    assert time.monotonic() - start < 3
+    assert not broker._publisher().waiting(), "a failed send is not published later behind the caller's back"
+    broker.queues.clear()
+
+
+def test_cluster_urls_are_tried_in_turn(make_broker, queue):
+    broker = make_broker(url=f"amqp://guest:guest@127.0.0.1:1/%2F;{URL}")
+    sent = broker.enqueue(message(queue, 1))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    assert take(consumer).message_id == sent.message_id
+    consumer.close()
+    assert broker._preferred == 1, "the node that answered is tried first next time"
+
+
+def test_publishing_without_confirms(make_broker, queue):
+    broker = make_broker(confirm_delivery=False, urls=[URL])
+    sent = [broker.enqueue(message(queue, n)).message_id for n in range(10)]
+    assert not broker._publisher().waiting()
+    consumer = broker.consume(queue, prefetch=10, timeout=100)
+    assert [take(consumer).message_id for _ in range(10)] == sent
+    consumer.close()
+
+
+def test_strict_confirms_wait_for_each_message(make_broker, queue):
+    broker = make_broker(max_unconfirmed=1)
+    broker.enqueue(message(queue, 1))
+    assert not broker._publisher().waiting()
+
+
+def test_publisher_publishes_again_after_its_connection_is_dropped(broker, queue):
+    broker.enqueue(message(queue, 0))
+    close_connection(broker._publisher().connection_name)
+    sent = [broker.enqueue(message(queue, n)).message_id for n in range(1, 50)]
+    broker.flush()
+    assert broker.get_queue_stats(queue).ready == 50
+    consumer = broker.consume(queue, prefetch=50, timeout=100)
+    got = {take(consumer).message_id for _ in range(50)}
+    assert set(sent) <= got
+    consumer.close()
+
+
+def test_after_a_lost_connection_stale_tags_are_never_acked(broker, queue):
+    sent = {broker.enqueue(message(queue, n)).message_id for n in range(3)}
+    consumer = broker.consume(queue, prefetch=3, timeout=200)
+    old = [take(consumer) for _ in range(3)]
+    close_connection(consumer.connection_name)
+    # The consumer reconnects by itself; RabbitMQ redelivers the unacked messages.
+    new = [take(consumer, timeout=30) for _ in range(3)]
+    assert {p.message_id for p in new} == sent and {p.delivery_count for p in new} == {2}
+    assert {p.tag[1] for p in new} == {p.tag[1] for p in old}, "same delivery tags, new channel"
+    for proxy in old:
+        consumer.ack(proxy)  # must not ack the new deliveries that have the same tags
+    next(consumer)
+    consumer.close()
+    wait_for(lambda: broker.get_queue_stats(queue).ready == 3, message="all three back in the queue")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_survives_a_lost_consumer_connection_without_losing_messages(make_broker, queue):
+    broker = make_broker(middleware=None)
+    done: dict[str, int] = {}
+    lock = threading.Lock()
+
+    @actor(broker=broker, actor_name="rq_slowish", queue_name=queue)
+    def slowish(n: int) -> None:
+        time.sleep(0.005)
+        with lock:
+            done[n] = done.get(n, 0) + 1
+
+    for n in range(300):
+        slowish.send(n)
+    worker = Worker(broker, queues=[queue], worker_threads=4, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(lambda: len(done) >= 50, message="the first 50")
+        close_connection(worker.consumers[queue].consumer.connection_name)
+        wait_for(lambda: len(done) == 300, timeout=60, message="all 300 after the reconnect")
+        worker.join(timeout=30_000)
+    finally:
+        worker.stop(timeout=5_000)
+    assert set(done) == set(range(300))
+    assert broker.get_queue_stats(queue) == (0, 0, 0, 0)
+
+
+class Relay:
+    """A TCP relay in front of RabbitMQ (optionally terminating TLS) that a test can cut,
+    or tell to hold back what RabbitMQ sends (its confirms)."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.context = context
+        self.hold = threading.Event()
+        self.connections: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        # One thread per connection, so that a TLS socket is never used by two threads.
+        with client, socket.create_connection(("127.0.0.1", 5672)) as upstream:
+            try:
+                down = self.context.wrap_socket(client, server_side=True) if self.context else client
+            except OSError:
+                return
+            self.connections.append(down)
+            with down:
+                self._pump(down, upstream)
+
+    def _pump(self, down: socket.socket, upstream: socket.socket) -> None:
+        held = b""
+        try:
+            while True:
+                pending = isinstance(down, ssl.SSLSocket) and down.pending()
+                ready = [down] if pending else select.select([down, upstream], [], [], 0.05)[0]
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    if source is down:
+                        upstream.sendall(data)
+                    else:
+                        held += data
+                if held and not self.hold.is_set():
+                    down.sendall(held)
+                    held = b""
+        except OSError:
+            return
+
+    def cut(self) -> None:
+        for connection in self.connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.connections.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def relay():
+    relay = Relay()
+    yield relay
+    relay.close()
+
+
+@pytest.fixture
+def tls_url(tmp_path):
+    """An amqps:// URL: a TLS-terminating relay in front of the plain RabbitMQ port."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost"
+    command += f" -addext subjectAltName=DNS:localhost -keyout {key} -out {cert}"
+    subprocess.run(command.split(), check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    relay = Relay(context)
+    options = quote(repr({"ca_certs": str(cert), "server_hostname": "localhost"}))
+    yield f"amqps://guest:guest@localhost:{relay.port}/%2F?ssl_options={options}"
+    relay.close()
+
+
+def test_unconfirmed_messages_are_published_again_on_a_new_connection(relay, make_broker, queue):
+    broker = make_broker(url=f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F")
+    first = broker.enqueue(message(queue, "first")).message_id
+    broker.flush()
+    relay.hold.set()  # RabbitMQ gets the messages; its confirms do not come back
+    sent = [broker.enqueue(message(queue, n)).message_id for n in range(20)]
+    publisher = broker._publisher()
+    assert len(publisher.unconfirmed) == 20
+    relay.cut()
+    relay.hold.clear()
+    broker.flush()  # finds the connection gone, connects again, publishes the 20 again
+    assert not publisher.waiting()
+    # At least once: the copies that reached RabbitMQ before the cut are there too.
+    ready = broker.get_queue_stats(queue).ready
+    assert 21 <= ready <= 41
+    consumer = broker.consume(queue, prefetch=ready, timeout=100)
+    got = [take(consumer).message_id for _ in range(ready)]
+    assert set(got) == {first, *sent}
+    consumer.close()
+
+
+def test_a_publish_that_is_never_confirmed_raises(relay, make_broker, queue):
+    broker = make_broker(url=f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F", max_unconfirmed=1)
+    broker.declare_queue(queue)
+    broker.enqueue(message(queue, "confirmed"))
+    relay.hold.set()
+    broker.confirm_timeout = 500
+    with pytest.raises(ConnectionError, match="did not confirm"):
+        broker.enqueue(message(queue, "unconfirmed"))
+    relay.hold.clear()
+    assert not broker._publisher().waiting(), "the caller was told: it is not published behind its back"
+
+
+def test_amqps_urls_work(tls_url, make_broker, queue):
+    broker = make_broker(url=tls_url)
+    sent = [broker.enqueue(message(queue, n)).message_id for n in range(20)]
+    delayed = broker.enqueue(message(queue, "later"), delay=200)
+    consumer = broker.consume(queue, prefetch=5, timeout=100)
+    got = []
+    for _ in range(21):
+        proxy = take(consumer)
+        got.append(proxy.message_id)
+        consumer.ack(proxy)
+    assert got == [*sent, delayed.message_id]
+    consumer.close()
+
+
+# -- quorum queues ----------------------------------------------------------------------
+
+
+def test_quorum_queue_path(make_broker, queue):
+    broker = make_broker(queue_type="quorum")
+    assert broker.supports_priority is False
+    first = broker.enqueue(message(queue, 1))
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    proxy = take(consumer)
+    assert proxy.delivery_count == 1
+    consumer.requeue([proxy])
+    proxy = take(consumer)
+    assert proxy.message_id == first.message_id and proxy.delivery_count == 2  # x-delivery-count
+    consumer.nack(proxy)
+    wait_for(lambda: broker.get_queue_stats(queue).dead == 1, message="the dead letter")
+    start = time.monotonic()
+    delayed = broker.enqueue(message(queue, 2), delay=300)
+    assert take(consumer).message_id == delayed.message_id
+    assert time.monotonic() - start >= 0.29
+    consumer.close()
+    connection, channel = raw_channel()
+    try:
+        # It really is a quorum queue: re-declaring it as classic fails.
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            channel.queue_declare(
+                queue, durable=True, arguments=broker._queue_arguments(queue) | {"x-queue-type": "classic"}
+            )
+    finally:
+        connection.close()
+
+
+# -- a worker ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_runs_1500_messages_end_to_end(make_broker, queue):
+    broker = make_broker(middleware=None)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    @actor(broker=broker, actor_name="rq_collect", queue_name=queue)
+    def collect(n: int) -> None:
+        with lock:
+            seen.append(n)
+
+    broker.enqueue_many([collect.message(n) for n in range(1000)])
+    for n in range(1000, 1500):
+        collect.send(n)
+    worker = Worker(broker, queues=[queue], worker_threads=8, worker_timeout=100)
+    worker.start()
+    try:
+        worker.join(timeout=60_000)
+    finally:
+        worker.stop(timeout=5_000)
+    assert sorted(seen) == list(range(1500))
+    assert broker.get_queue_stats(queue) == (0, 0, 0, 0)
