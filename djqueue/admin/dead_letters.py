@@ -260,8 +260,12 @@ class DeadLetterAdmin(LargeTableAdminMixin, admin.ModelAdmin):
 
     # -- actions ----------------------------------------------------------------------
 
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)
+    def get_actions(self, request: HttpRequest, action_location: Any = None) -> dict[str, Any]:
+        # Django 6.1 passes action_location= (and warns when the signature lacks it).
+        if action_location is None:
+            actions = super().get_actions(request)
+        else:
+            actions = super().get_actions(request, action_location=action_location)
         actions.pop("delete_selected", None)
         return actions
 
