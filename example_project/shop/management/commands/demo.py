@@ -56,7 +56,7 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.WARNING(
                 f"  dead charge_card for order #{declined.pk}: {dead.exception_type}: "
-                f"{dead.exception_message}\n"
+                f"{dead.exception_message.splitlines()[0]}\n"
                 "       kept as a DeadLetter row; retry it from /admin/djqueue/deadletter/"
             )
         )
