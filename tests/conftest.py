@@ -44,3 +44,23 @@ def stub_worker(stub_broker):
     worker = Worker(stub_broker, worker_threads=2, worker_timeout=100)
     yield worker
     worker.stop(timeout=5_000)
+
+
+@pytest.fixture
+def start_processes(tmp_path: Path):
+    """``start(broker_url, *args, **kwargs)`` starts ``runworkers`` (or another command)
+    like tests.process.start_workers; whatever is still running at teardown is killed."""
+    from tests.process import start_workers
+
+    started = []
+
+    def start(broker_url: str, *args: str, **kwargs: object):
+        process = start_workers(tmp_path, broker_url, *args, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait(10)

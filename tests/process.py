@@ -139,3 +139,23 @@ def start_workers(
             stdin=subprocess.DEVNULL,
         )
     return Workers(process, log)
+
+
+def delete_rabbitmq_queues(url: str, prefix: str) -> None:
+    """Delete the RabbitMQ queues whose names start with ``prefix`` (a test's own)."""
+    try:
+        listing = subprocess.run(
+            ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    names = [line.strip() for line in listing.splitlines() if line.strip().startswith(prefix)]
+    if not names:
+        return
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    for name in names:
+        channel.queue_delete(name)
+    connection.close()

@@ -12,7 +12,7 @@ from django.db import connections, transaction
 
 from djqueue.brokers import broker_from_url
 from djqueue.models import DeadLetter
-from tests.process import read_records, start_workers, wait_for
+from tests.process import read_records, wait_for
 from tests.testapp.tasks import always_fail, flaky, record, slow_record
 
 pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
@@ -43,19 +43,8 @@ def queue() -> str:
 
 
 @pytest.fixture
-def workers(tmp_path):
-    started = []
-
-    def start(*args, **kwargs):
-        w = start_workers(tmp_path, *args, **kwargs)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        if w.process.poll() is None:
-            w.process.kill()
-            w.process.wait(10)
+def workers(start_processes):
+    return start_processes
 
 
 def send(broker, actor, *args, queue: str, **options):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,7 @@ from django.db import connections
 
 from djqueue.brokers import broker_from_url
 from djqueue.brokers.base import Broker
+from tests.process import delete_rabbitmq_queues
 
 REDIS_URL = os.environ.get("DJQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ_URL = os.environ.get("DJQUEUE_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -93,19 +93,4 @@ def queue() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _delete_test_rabbitmq_queues() -> Any:
     yield
-    try:
-        listing = subprocess.run(
-            ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return
-    names = [line.strip() for line in listing.splitlines() if line.strip().startswith(QUEUE_PREFIX)]
-    if not names:
-        return
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel = connection.channel()
-    for name in names:
-        channel.queue_delete(name)
-    connection.close()
+    delete_rabbitmq_queues(RABBITMQ_URL, QUEUE_PREFIX)

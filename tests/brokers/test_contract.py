@@ -3,6 +3,7 @@ PostgreSQL), Redis and RabbitMQ. A behaviour shown here holds for all of them.""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ import pytest
 from djqueue import Message, Worker, actor
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.models import DeadLetter
-from tests.process import read_records, start_workers, wait_for
+from tests.process import read_records, wait_for
 from tests.testapp.tasks import record, slow_record
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
@@ -201,21 +202,10 @@ def test_worker_end_to_end_with_retries(case, queue):
 
 
 @pytest.fixture
-def workers(case, tmp_path):
+def workers(case, start_processes):
     if case.in_memory:
         pytest.skip("the stub broker lives in one process")
-    started = []
-
-    def start(*args: str, **kwargs: object):
-        w = start_workers(tmp_path, case.url, *args, broker_options=case.process_options(), **kwargs)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        if w.process.poll() is None:
-            w.process.kill()
-            w.process.wait(10)
+    return functools.partial(start_processes, case.url, broker_options=case.process_options())
 
 
 def ids_seen(record_dir) -> set[str]:

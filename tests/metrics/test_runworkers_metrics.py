@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ from django.db import connections
 from prometheus_client.parser import text_string_to_metric_families
 
 from djqueue.brokers import broker_from_url
-from tests.process import read_records, start_workers, wait_for
+from tests.process import read_records, wait_for
 from tests.testapp.tasks import always_fail, slow_record
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -60,19 +61,8 @@ def queue() -> str:
 
 
 @pytest.fixture
-def workers(tmp_path):
-    started = []
-
-    def start(*args, **kwargs):
-        w = start_workers(tmp_path, BROKER_URL, *args, **kwargs)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        if w.process.poll() is None:
-            w.process.kill()
-            w.process.wait(10)
+def workers(start_processes):
+    return functools.partial(start_processes, BROKER_URL)
 
 
 def send(broker, actor, *args, queue: str, **options):

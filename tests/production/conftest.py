@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -11,6 +10,7 @@ from djqueue.rate_limits import set_backend
 from djqueue.rate_limits.backends.memory import MemoryBackend
 from djqueue.rate_limits.base import RateLimitBackend
 from tests.brokers.conftest import CASES, BrokerCase, make_case
+from tests.process import delete_rabbitmq_queues
 from tests.rate_limits.backends import BACKENDS, cleanup, make_backend
 
 
@@ -57,24 +57,4 @@ def queue(case: BrokerCase) -> Iterator[str]:
     name = f"pq_{uuid.uuid4().hex[:10]}"
     yield name
     if case.name == "rabbitmq":
-        _delete_rabbitmq_queues(case.url, name)
-
-
-def _delete_rabbitmq_queues(url: str, prefix: str) -> None:
-    # Only the queues this test declared: its name and the broker's companions of it.
-    try:
-        listing = subprocess.run(
-            ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return
-    names = [line.strip() for line in listing.splitlines() if line.strip().startswith(prefix)]
-    if not names:
-        return
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    channel = connection.channel()
-    for name in names:
-        channel.queue_delete(name)
-    connection.close()
+        delete_rabbitmq_queues(case.url, name)
