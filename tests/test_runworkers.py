@@ -163,3 +163,19 @@ def test_pid_file_log_file_and_banner(broker_url, queue, tmp_path, workers):
     assert not pid_file.exists()
     banner = w.output()
     assert f"queues {queue}" in banner and "1 processes x 1 threads" in banner
+
+
+def test_watch_restarts_workers_when_code_changes(broker_url, queue, tmp_path, record_dir, workers, broker):
+    code = tmp_path / "code"
+    code.mkdir()
+    module = code / "module.py"
+    module.write_text("VALUE = 1\n")
+    w = workers(broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--watch", str(code))
+    before = w.wait_children(1)
+    wait_for(lambda: "started (pid" in w.output(), message="the worker consuming")
+    module.write_text("VALUE = 2  # changed\n")
+    wait_for(lambda: (c := w.children()) and c != before and len(c) == 1, message="a restarted worker")
+    message = send(broker, record, "after reload", queue=queue)
+    wait_for(lambda: message.message_id in ids_seen(record_dir), message="work after the reload")
+    assert "code changed: restarting worker processes" in w.output()
+    assert w.stop() == 0

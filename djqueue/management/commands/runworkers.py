@@ -45,7 +45,11 @@ class Command(BaseCommand):
             help="queues to consume (default: every queue an actor uses)",
         )
         parser.add_argument(
-            "--watch", action="store_true", help="restart the workers when a .py file changes"
+            "--watch",
+            nargs="*",
+            metavar="DIR",
+            default=None,
+            help="restart the workers when a .py file under DIR (default: the current directory) changes",
         )
         parser.add_argument("--pid-file", metavar="PATH", help="write the supervisor's pid here")
         parser.add_argument("--log-file", metavar="PATH", help="log here instead of to stderr")
@@ -105,7 +109,12 @@ class Command(BaseCommand):
             metrics=options["metrics_port"] is not None,
         )
         configure_logging(config.log_file, config.log_level)
-        watch = [Path.cwd()] if options["watch"] else None
+        watch = None
+        if options["watch"] is not None:
+            watch = [Path(d).resolve() for d in options["watch"]] or [Path.cwd()]
+            missing = [str(d) for d in watch if not d.is_dir()]
+            if missing:
+                raise CommandError(f"--watch: no such directory: {', '.join(missing)}")
         metrics = self._start_metrics(options, broker, queues or declared)
         self.stdout.write(
             f"djqueue {__version__} | broker {broker.describe()} | "
