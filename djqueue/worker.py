@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .brokers.base import Broker, Consumer, MessageProxy
-from .errors import SkipMessage
+from .errors import MessageTooLarge, SkipMessage
 
 logger = logging.getLogger("djqueue.worker")
 
@@ -125,7 +125,15 @@ class Worker:
         broker = self.broker
         actor = None
         try:
-            if proxy.decode_error is None:
+            if proxy.data is not None and len(proxy.data) > broker.max_message_size:
+                # Put on the queue by something that bypassed send()'s size check.
+                too_large = MessageTooLarge(
+                    f"payload is {len(proxy.data)} bytes, over the maximum of "
+                    f"{broker.max_message_size} (DJQUEUE['MAX_MESSAGE_SIZE']); not run"
+                )
+                proxy.stuff_exception(too_large)
+                proxy.fail(str(too_large))
+            elif proxy.decode_error is None:
                 actor = broker.actors.get(proxy.message.actor_name)
                 if actor is None:
                     proxy.fail(

@@ -51,6 +51,12 @@ ACK_FLUSH_INTERVAL = 0.05
 # A consumer with only a few free slots waits this long (s) for more before claiming.
 BATCH_WINDOW = 0.005
 CHUNK = 500  # ids per IN (...) list on SQLite
+# A message delivered this many times without an ack (the processes holding it died) is
+# held alone: a consumer holds at most one such message at a time, so a job that kills
+# its process cannot take the same innocent messages down with it again and again
+# until MaxDeliveries dead-letters them too.
+ISOLATE_AFTER = 2
+FRESH = f"AND delivery_count < {ISOLATE_AFTER} "
 
 
 class DatabaseBroker(Broker):
@@ -236,6 +242,14 @@ def _reaching(alias: str, what: str) -> Iterator[None]:
     except (OperationalError, InterfaceError) as e:
         if _is_locked(e):
             raise
+        connection = connections[alias]
+        if not connection.in_atomic_block:
+            # Django reuses a broken connection until something closes it (a request's
+            # end does, a producer thread has none): close it, so the next call reconnects.
+            try:
+                connection.close()
+            except DatabaseError:
+                pass
         raise ConnectionError(f"the database broker could not {what} on db://{alias}: {e}") from e
 
 
@@ -301,7 +315,8 @@ class _Sql:
         self.columns = "queue_name, message_id, priority, available_at, payload, created_at, delivery_count"
         order = "ORDER BY priority DESC, available_at, id"
         self.due = (
-            f"SELECT id, available_at FROM {t} WHERE queue_name = %s AND available_at <= %s {order} LIMIT %s"
+            f"SELECT id, available_at FROM {t} WHERE queue_name = %s AND available_at <= %s "
+            f"{{}}{order} LIMIT %s"
         )
         unclaimed = "(lease_owner IS NULL OR available_at <= %s)"
         self.stats = (
@@ -312,11 +327,12 @@ class _Sql:
         )
         self.purge = f"DELETE FROM {t} WHERE queue_name = %s AND {unclaimed}"
         self.cancel_sql = f"DELETE FROM {t} WHERE message_id = %s AND {unclaimed}"
-        self.next_due = f"SELECT MIN(available_at) FROM {t} WHERE queue_name = %s"
-        self.peek = f"SELECT 1 FROM {t} WHERE queue_name = %s AND available_at <= %s LIMIT 1"
+        # "{}" takes FRESH while the consumer holds a message delivered ISOLATE_AFTER times.
+        self.next_due = f"SELECT MIN(available_at) FROM {t} WHERE queue_name = %s {{}}"
+        self.peek = f"SELECT 1 FROM {t} WHERE queue_name = %s AND available_at <= %s {{}}LIMIT 1"
         self.due_sqlite = (
             f"SELECT id, payload, delivery_count FROM {t} WHERE queue_name = %s AND available_at <= %s "
-            f"{order} LIMIT %s"
+            f"{{}}{order} LIMIT %s"
         )
         self.max_params = 6000 if self.pg else 990
 
@@ -343,22 +359,41 @@ class _Sql:
         return statements
 
     def claim(
-        self, queue: str, owner: str, count: int, now: int, lease_end: int, acks: list[int], cursor: Any
+        self,
+        queue: str,
+        owner: str,
+        count: int,
+        now: int,
+        lease_end: int,
+        acks: list[int],
+        cursor: Any,
+        *,
+        fresh_only: bool = False,
     ) -> tuple[list[tuple[int, bytes, int]], int | None]:
         """Delete the acked rows and claim up to ``count`` due ones: [(id, payload,
-        delivery count)] in priority then eta order, and the next available_at if short."""
+        delivery count)] in priority then eta order, and the next available_at if short.
+        ``fresh_only``: skip messages already delivered ISOLATE_AFTER times."""
+        fresh = FRESH if fresh_only else ""
         if self.pg:
-            rows = self._claim_pg(queue, owner, count, now, lease_end, acks, cursor)
+            rows = self._claim_pg(queue, owner, count, now, lease_end, acks, cursor, fresh)
         else:
-            rows = self._claim_sqlite(queue, owner, count, now, lease_end, acks, cursor)
+            rows = self._claim_sqlite(queue, owner, count, now, lease_end, acks, cursor, fresh)
         next_due = None
         if len(rows) < count and self.pg:
-            cursor.execute(self.next_due, [queue])
+            cursor.execute(self.next_due.format(fresh), [queue])
             next_due = cursor.fetchone()[0]
         return rows, next_due
 
     def _claim_pg(
-        self, queue: str, owner: str, count: int, now: int, lease_end: int, acks: list[int], cursor: Any
+        self,
+        queue: str,
+        owner: str,
+        count: int,
+        now: int,
+        lease_end: int,
+        acks: list[int],
+        cursor: Any,
+        fresh: str,
     ) -> list[tuple[int, bytes, int]]:
         t, params = self.table, []
         acked = ""
@@ -366,7 +401,7 @@ class _Sql:
             acked = f"acked AS (DELETE FROM {t} WHERE id = ANY(%s) AND lease_owner = %s), "
             params += [acks, owner]
         cursor.execute(
-            f"WITH {acked}claimed AS ({self.due} FOR UPDATE SKIP LOCKED) "
+            f"WITH {acked}claimed AS ({self.due.format(fresh)} FOR UPDATE SKIP LOCKED) "
             f"UPDATE {t} AS m SET lease_owner = %s, available_at = %s, delivery_count = m.delivery_count + 1 "
             "FROM claimed WHERE m.id = claimed.id "
             "RETURNING m.id, m.payload, m.delivery_count, m.priority, claimed.available_at",
@@ -377,18 +412,26 @@ class _Sql:
         return [(r[0], r[1], r[2]) for r in rows]
 
     def _claim_sqlite(
-        self, queue: str, owner: str, count: int, now: int, lease_end: int, acks: list[int], cursor: Any
+        self,
+        queue: str,
+        owner: str,
+        count: int,
+        now: int,
+        lease_end: int,
+        acks: list[int],
+        cursor: Any,
+        fresh: str,
     ) -> list[tuple[int, bytes, int]]:
         t = self.table
         if not acks:
             # Look before locking: an idle poll must not take the database's write lock.
-            cursor.execute(self.peek, [queue, now])
+            cursor.execute(self.peek.format(fresh), [queue, now])
             if cursor.fetchone() is None:
                 return []
         cursor.execute("BEGIN IMMEDIATE")
         try:
             self._delete_sqlite(acks, owner, cursor)
-            cursor.execute(self.due_sqlite, [queue, now, count])
+            cursor.execute(self.due_sqlite.format(fresh), [queue, now, count])
             rows = cursor.fetchall()
             for chunk in _chunks([r[0] for r in rows]):
                 cursor.execute(
@@ -506,6 +549,7 @@ class _DatabaseConsumer(Consumer):
         self.db = _Connection(broker.alias)
         self.cond = threading.Condition()
         self.held: set[int] = set()  # claimed and not settled, including those in ready
+        self.isolated: int | None = None  # the held message delivered over ISOLATE_AFTER times
         self.ready: deque[MessageProxy] = deque()
         self.acks: list[int] = []
         self.acks_since = 0.0
@@ -533,7 +577,8 @@ class _DatabaseConsumer(Consumer):
                 self.notified = False
                 self.partial_at = None
                 acks, self.acks = self.acks, []
-            self._claim(count, acks)
+                fresh_only = self.isolated is not None
+            self._claim(count, acks, fresh_only)
 
     def _plan(self, now: float) -> tuple[int, float]:
         """How many messages to claim now, or (0, when to look again)."""
@@ -552,9 +597,18 @@ class _DatabaseConsumer(Consumer):
             self.partial_at = now + BATCH_WINDOW
         return (free, now) if now >= self.partial_at else (0, self.partial_at)
 
-    def _claim(self, count: int, acks: list[int]) -> None:
+    def _claim(self, count: int, acks: list[int], fresh_only: bool = False) -> None:
         now = current_millis()
-        work = partial(self.sql.claim, self.queue_name, self.owner, count, now, now + self.broker.lease, acks)
+        work = partial(
+            self.sql.claim,
+            self.queue_name,
+            self.owner,
+            count,
+            now,
+            now + self.broker.lease,
+            acks,
+            fresh_only=fresh_only,
+        )
         try:
             rows, next_due = self.db.run(work)
         except DatabaseError as e:
@@ -590,8 +644,14 @@ class _DatabaseConsumer(Consumer):
                 proxies = []
             else:
                 orphans = []
-                self.held.update(p.tag for p in proxies)
-                self.ready.extend(proxies)
+                for proxy in proxies:
+                    if proxy.delivery_count > ISOLATE_AFTER:
+                        if self.isolated is not None:
+                            orphans.append(proxy.tag)  # for another consumer; not a delivery
+                            continue
+                        self.isolated = proxy.tag
+                    self.held.add(proxy.tag)
+                    self.ready.append(proxy)
             self.drained = len(rows) < count
             if self.drained:
                 if self.broker.listen:
@@ -625,6 +685,8 @@ class _DatabaseConsumer(Consumer):
             if proxy.tag not in self.held:
                 return
             self.held.discard(proxy.tag)
+            if proxy.tag == self.isolated:
+                self._release_isolated()
             self.acks.append(proxy.tag)
             first = len(self.acks) == 1
             if first:
@@ -661,8 +723,16 @@ class _DatabaseConsumer(Consumer):
         with self.cond:
             ids = [p.tag for p in proxies if p.tag in self.held]
             self.held.difference_update(ids)
+            if self.isolated in ids:
+                self._release_isolated()
             self.cond.notify_all()
         self._give_back(ids)
+
+    def _release_isolated(self) -> None:
+        # Under the cond: look at once for the next much-delivered message we skipped.
+        self.isolated = None
+        self.notified = True
+        self.cond.notify_all()
 
     def _give_back(self, ids: list[int]) -> None:
         if not ids:
@@ -685,6 +755,7 @@ class _DatabaseConsumer(Consumer):
             self.closed = True
             ids = list(self.held)
             self.held.clear()
+            self.isolated = None
             self.ready.clear()
             self.cond.notify_all()
         for settle in (self.flush_acks, partial(self._give_back, ids)):

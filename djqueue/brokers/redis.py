@@ -327,6 +327,9 @@ class _RedisConsumer(Consumer):
         self.acked = threading.Condition(self.lock)
         self.buffer: deque[tuple[bytes, bytes, int]] = deque()  # fetched, not yet handed out
         self.outstanding: set[bytes] = set()  # fetched and not settled
+        # The outstanding message delivered over lua.ISOLATE_AFTER times: while we hold
+        # one, fetches skip other such messages (see redis_scripts.py).
+        self.isolated: bytes | None = None
         self.pending: list[bytes] = []  # acked, to flush with the next fetch
         self.pending_since = 0.0
         self.opened_at: float | None = None  # when capacity opened since the last fetch
@@ -377,9 +380,12 @@ class _RedisConsumer(Consumer):
         with self.lock:
             acks, self.pending = self.pending, []
             count = max(0, self.prefetch - len(self.outstanding))
+            isolated = "0" if self.isolated is None else "1"
             self.opened_at = None
         try:
-            now, first_eta, items = self.broker.run("fetch", [self.queue_name, self.cid, count, *acks])
+            now, first_eta, items = self.broker.run(
+                "fetch", [self.queue_name, self.cid, count, isolated, *acks]
+            )
         except Exception:
             with self.lock:
                 self.pending[:0] = acks  # acks are idempotent: send them again later
@@ -389,6 +395,8 @@ class _RedisConsumer(Consumer):
             for i in range(0, len(items), 3):
                 tag = items[i]
                 self.outstanding.add(tag)
+                if items[i + 2] > lua.ISOLATE_AFTER:
+                    self.isolated = tag
                 self.buffer.append((tag, items[i + 1], items[i + 2]))
             if count > 0:
                 self.idle = not items
@@ -444,6 +452,7 @@ class _RedisConsumer(Consumer):
             never_handed_out = [tag for tag, _, _ in self.buffer]
             self.buffer.clear()
             self.outstanding.clear()
+            self.isolated = None
         broker = self.broker
         with broker.consumers_lock:
             broker.consumers.pop(self.cid, None)
@@ -456,6 +465,8 @@ class _RedisConsumer(Consumer):
         if proxy.tag not in self.outstanding:
             return False
         self.outstanding.discard(proxy.tag)
+        if proxy.tag == self.isolated:
+            self.isolated = None
         if self.opened_at is None:
             self.opened_at = time.monotonic()
         self.acked.notify()

@@ -32,6 +32,12 @@ from __future__ import annotations
 SCORE_STEP = 4398046511104
 PRIORITY_LIMIT = 1000
 NOTIFY_MAX = 64
+# A message delivered this many times without an ack (the processes holding it died) is
+# held alone: a consumer holds at most one such message at a time, so a job that kills
+# its process cannot take the same innocent messages down with it again and again until
+# MaxDeliveries dead-letters them too. A fetch looks past at most ISOLATE_SCAN of them.
+ISOLATE_AFTER = 2
+ISOLATE_SCAN = 100
 PROMOTE_LIMIT = 1000
 SCRIPTS = ("enqueue", "fetch", "ack", "nack", "requeue", "release", "heartbeat", "stats", "cancel", "purge")
 
@@ -132,12 +138,15 @@ return n
 """
 )
 
-# ARGV: P, queue, consumer id, how many to take, then tags to ack.
+# ARGV: P, queue, consumer id, how many to take, whether the consumer holds a message
+# delivered ISOLATE_AFTER times ('1' or '0'), then tags to ack.
 # Returns {server now ms, earliest eta or '', {tag, payload, delivery count, ...}}.
 FETCH = (
     PRELUDE
+    + f"local ISOLATE_AFTER, ISOLATE_SCAN = {ISOLATE_AFTER}, {ISOLATE_SCAN}\n"
     + """
 local queue, cid, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local isolated = ARGV[5] == '1'
 local Q = qkey(queue)
 local inflight = P .. 'c:' .. cid
 local now = now_ms()
@@ -145,26 +154,40 @@ if redis.call('ZADD', P .. 'heartbeats', fmt(now), cid) == 1 then
   redis.call('HSET', P .. 'consumers', cid, queue)
   redis.call('SADD', Q .. 'consumers', cid)
 end
-for i = 5, #ARGV do ack(Q, inflight, ARGV[i]) end
+for i = 6, #ARGV do ack(Q, inflight, ARGV[i]) end
 promote(Q, now)
 local out = {}
-if count > 0 then
-  local popped = redis.call('ZPOPMIN', Q .. 'ready', count)
-  for i = 1, #popped, 2 do
-    local tag = popped[i]
-    local data = redis.call('HGET', Q .. 'msgs', tag)
-    if data then
-      redis.call('ZADD', inflight, popped[i + 1], tag)
-      out[#out + 1] = tag
-      out[#out + 1] = data
-      out[#out + 1] = redis.call('HINCRBY', Q .. 'deliveries', tag, 1)
+local skipped = 0  -- much-delivered messages left at the head for other consumers
+local taken = 0
+while taken < count and skipped <= ISOLATE_SCAN do
+  local head = redis.call('ZRANGE', Q .. 'ready', skipped, skipped + count - taken - 1, 'WITHSCORES')
+  if #head == 0 then break end
+  local gone = {}
+  for i = 1, #head, 2 do
+    local tag = head[i]
+    local n = tonumber(redis.call('HGET', Q .. 'deliveries', tag) or '0')
+    if n >= ISOLATE_AFTER and isolated then
+      skipped = skipped + 1
     else
-      redis.call('HDEL', Q .. 'deliveries', tag)
+      gone[#gone + 1] = tag
+      local data = redis.call('HGET', Q .. 'msgs', tag)
+      if data then
+        if n >= ISOLATE_AFTER then isolated = true end
+        redis.call('ZADD', inflight, head[i + 1], tag)
+        out[#out + 1] = tag
+        out[#out + 1] = data
+        out[#out + 1] = redis.call('HINCRBY', Q .. 'deliveries', tag, 1)
+        taken = taken + 1
+      else
+        redis.call('HDEL', Q .. 'deliveries', tag)
+      end
     end
   end
+  if #gone > 0 then redis.call('ZREM', Q .. 'ready', unpack(gone)) end
 end
--- Work is left that this consumer did not take: let an idle one know.
-if redis.call('EXISTS', Q .. 'ready') == 1 then notify(Q, 1) end
+-- Work is left that this consumer did not take: let an idle one know (not for what it
+-- skipped, or it would wake itself for ever).
+if redis.call('ZCARD', Q .. 'ready') > skipped then notify(Q, 1) end
 local first = redis.call('ZRANGE', Q .. 'delayed', 0, 0, 'WITHSCORES')
 return {now, first[2] or '', out}
 """

@@ -41,8 +41,15 @@ class DeadLetters(Middleware):
             exception_message = (
                 f"{exception_message}\n({message.reason})" if exception_message else message.reason
             )
+        try:
+            retries = message.retries
+        except (TypeError, ValueError):  # a junk "retries" option must not lose the row
+            retries = 0
         timestamp = message.message.message_timestamp
-        enqueued_at = dt.datetime.fromtimestamp(timestamp / 1000, tz=dt.UTC) if timestamp else None
+        try:
+            enqueued_at = dt.datetime.fromtimestamp(timestamp / 1000, tz=dt.UTC) if timestamp else None
+        except (OverflowError, OSError, ValueError):  # a producer's nonsense timestamp
+            enqueued_at = None
         DeadLetter.objects.update_or_create(
             message_id=message.message_id,
             defaults={
@@ -56,7 +63,7 @@ class DeadLetters(Middleware):
                 "exception_type": exception_type[:255],
                 "exception_message": exception_message,
                 "traceback": message.traceback or "",
-                "retries": message.retries,
+                "retries": retries,
                 "enqueued_at": enqueued_at,
                 "status": DeadLetter.Status.DEAD,
             },

@@ -53,6 +53,15 @@ class Retries(Middleware):
     ) -> None:
         if exception is None or message.failed:
             return
+        try:
+            self._retry(broker, message, exception)
+        except Exception as e:
+            # Junk option values from a misbehaving producer, or a broker that cannot
+            # store the retry: dead-letter with the reason, never ack a failure silently.
+            logger.error("cannot retry %s: %r", message.message_id, e)
+            message.fail(f"could not be retried ({type(e).__name__}: {e})")
+
+    def _retry(self, broker: Any, message: Any, exception: BaseException) -> None:
         actor = broker.actors.get(message.actor_name)
         actor_options = actor.options if actor is not None else {}
 

@@ -56,4 +56,5 @@ def fail_fast(value: object = None) -> None:
     raise KeyError(value)
 
 
-from tests.testapp import tasks_limits  # noqa: E402,F401
+# Further test actors, kept in modules of their own; imported here to be discovered.
+from tests.testapp import tasks_limits, tasks_reliability  # noqa: E402,F401
