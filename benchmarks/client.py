@@ -1,0 +1,97 @@
+"""The producing side of one benchmark cell, run as its own process by the harness.
+
+``python -m benchmarks.client --system djqueue --mode single --task noop --count 20000``
+prints one JSON object: ``t0``/``t1`` (wall clock, s) around the sends and, for the
+latency mode, the measured delays (ms) from send to actor start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import random
+import sys
+import time
+from typing import Any
+
+MODULES = {
+    "djqueue": "benchmarks.djapp.tasks",
+    "dramatiq": "benchmarks.peers.dramatiq_app",
+    "celery": "benchmarks.peers.celery_app",
+    "django-tasks": "benchmarks.djapp.dt_tasks",
+}
+
+
+def load(system: str) -> Any:
+    if system in ("djqueue", "django-tasks"):
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
+        import django
+
+        django.setup()
+    return importlib.import_module(MODULES[system])
+
+
+def run_latency(
+    module: Any, count: int, gap_min: float, gap_max: float, warmup: int, budget: float
+) -> list[float]:
+    """Up to ``count`` delays (ms), stopping early once ``budget`` seconds have passed."""
+    from benchmarks import work
+
+    delays: list[float] = []
+    deadline = None
+    for i in range(warmup + count):
+        if i == warmup:
+            deadline = time.monotonic() + budget
+        elif deadline is not None and time.monotonic() > deadline:
+            break
+        # A random pause leaves the worker idle and keeps sends out of step with any poll.
+        time.sleep(random.uniform(gap_min, gap_max) / 1000)
+        module.send("ping", time.time())
+        popped = work._client.blpop([work.LATENCY_KEY], timeout=30)
+        if popped is None:
+            raise SystemExit(f"ping {i} was not processed within 30 s")
+        if i >= warmup:
+            delays.append(float(popped[1]))
+    return delays
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--system", required=True, choices=sorted(MODULES))
+    parser.add_argument("--mode", required=True, choices=["single", "batch", "latency"])
+    parser.add_argument("--task", default="noop")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--chunk", type=int, default=1000, help="messages per batch call")
+    parser.add_argument("--gap-min", type=float, default=10.0, help="latency: min pause (ms)")
+    parser.add_argument("--gap-max", type=float, default=40.0, help="latency: max pause (ms)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=1e9, help="latency: stop sampling after this (s)")
+    args = parser.parse_args(argv)
+
+    module = load(args.system)
+    out: dict[str, Any] = {}
+    if args.mode == "latency":
+        out["delays"] = run_latency(module, args.count, args.gap_min, args.gap_max, args.warmup, args.budget)
+    else:
+        send, send_batch = module.send, module.send_batch
+        name, count = args.task, args.count
+        out["t0"] = time.time()
+        if args.mode == "single":
+            for _ in range(count):
+                send(name)
+        else:
+            done = 0
+            while done < count:
+                size = min(args.chunk, count - done)
+                send_batch(name, size)
+                done += size
+        out["t1"] = time.time()
+    module.close()
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

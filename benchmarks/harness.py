@@ -1,0 +1,123 @@
+"""Process plumbing for the benchmarks: worker process trees, peak RSS, counters, stats.
+
+Linux only: process trees and peak RSS are read from /proc (``VmHWM``, the kernel's own
+high-water mark of a process's resident set), so no sampling can miss a peak.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The peak resident set size of one process so far, in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class WorkerGroup:
+    """The worker processes of one system for one cell, started together."""
+
+    commands: list[list[str]]
+    env: dict[str, str]
+    log_path: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    started_at: float = 0.0
+    peak_rss: dict[int, int] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.started_at = time.time()
+        for command in self.commands:
+            self.procs.append(
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        log.close()
+
+    def sample_rss(self) -> None:
+        """Record each process's high-water mark; call now and then, and before stop()."""
+        for proc in self.procs:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                rss = peak_rss_kib(pid)
+                if rss:
+                    self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker {' '.join(proc.args)} exited with {proc.returncode}; see {self.log_path}"  # type: ignore[arg-type]
+                )
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.sample_rss()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                # A hung worker must not hang the benchmark: kill its whole session.
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def max_process_rss_mib(self) -> float:
+        return max(self.peak_rss.values(), default=0) / 1024
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, ``q`` in [0, 100]."""
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
