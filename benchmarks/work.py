@@ -24,7 +24,9 @@ COUNT_KEY = f"{KEY}:count"
 LATENCY_KEY = f"{KEY}:latency"
 IO_SLEEP = 0.05  # seconds: the I/O-bound job's simulated wait
 
-_client = redis.Redis.from_url(REDIS_URL)
+# The latency client waits up to 30 s for a job (BLPOP): above redis-py's default
+# 5 s socket timeout.
+_client = redis.Redis.from_url(REDIS_URL, socket_timeout=60)
 
 
 def noop() -> None:
