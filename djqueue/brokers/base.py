@@ -202,6 +202,8 @@ class Broker:
         self.middleware: list[Middleware] = []
         self.max_message_size = max_message_size
         self._hooks: dict[str, list[Any]] = {name: [] for name in HOOKS}
+        # Computed once per middleware change: every send validates options against it.
+        self._actor_options: frozenset[str] = frozenset()
         if middleware is None:
             from ..middleware import default_middleware
 
@@ -235,6 +237,7 @@ class Broker:
     def _rebuild_hooks(self) -> None:
         from ..middleware.base import Middleware
 
+        self._actor_options = frozenset().union(*(m.actor_options for m in self.middleware))
         # Only overridden hooks are called: the hot path never pays for no-op methods.
         for name in HOOKS:
             base = getattr(Middleware, name)
@@ -246,11 +249,9 @@ class Broker:
         return next((m for m in self.middleware if isinstance(m, kind)), None)
 
     @property
-    def actor_options(self) -> set[str]:
-        options: set[str] = set()
-        for m in self.middleware:
-            options |= set(m.actor_options)
-        return options
+    def actor_options(self) -> frozenset[str]:
+        """Every option some middleware declares; kept up to date by add_middleware."""
+        return self._actor_options
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """Run every middleware's before_<signal>; an exception propagates to the caller."""
