@@ -5,6 +5,11 @@ idempotent and uses the same arguments, so re-declaring never fails):
 
 - ``q``: durable; a nacked message is dead-lettered into ``q.DQ``; ``x-max-priority``
   on classic queues.
+- ``q.RQ``: messages delivered before and never settled (their process died, or a
+  connection dropped), sent round again with their delivery count in a header. Each
+  consumer takes at most one of them at a time, so a job that kills its process is
+  never again fetched alongside other messages, and MaxDeliveries can count its
+  deliveries on classic queues too.
 - ``q.DQ``: dead letters, each expiring ``dead_letter_ttl`` ms after it arrived.
 - ``q.XQ.0`` ... ``q.XQ.29``: delay levels. Level k keeps a message exactly 2**k ms
   (a queue-wide ``x-message-ttl``), then dead-letters it to the next level down.
@@ -42,7 +47,7 @@ from ..errors import BrokerError, ConfigurationError, ConnectionError
 from ..message import Message, current_millis
 from . import mask_url
 from .base import Broker, Consumer, QueueStats
-from .rabbitmq_consumer import RabbitmqConsumer, close_quietly
+from .rabbitmq_consumer import RabbitmqConsumer, close_quietly, redelivered_queue
 from .rabbitmq_publisher import RECOVERABLE, Pending, Publisher, publish_frames
 
 logger = logging.getLogger("djqueue.broker.rabbitmq")
@@ -295,7 +300,9 @@ class RabbitmqBroker(Broker):
         return arguments
 
     def _declare_main(self, channel: Any, queue_name: str) -> None:
-        channel.queue_declare(queue_name, durable=True, arguments=self._queue_arguments(queue_name))
+        arguments = self._queue_arguments(queue_name)
+        channel.queue_declare(queue_name, durable=True, arguments=arguments)
+        channel.queue_declare(redelivered_queue(queue_name), durable=True, arguments=arguments)
         channel.queue_declare(
             dead_letter_queue(queue_name),
             durable=True,
@@ -355,7 +362,7 @@ class RabbitmqBroker(Broker):
     @staticmethod
     def _all_queues(queue_name: str) -> list[str]:
         levels = [delay_queue(queue_name, level) for level in range(DELAY_LEVELS)]
-        return [queue_name, dead_letter_queue(queue_name), *levels]
+        return [queue_name, redelivered_queue(queue_name), dead_letter_queue(queue_name), *levels]
 
     # -- publishing ---------------------------------------------------------------
 
@@ -439,7 +446,8 @@ class RabbitmqBroker(Broker):
                 return int(channel.queue_declare(name, passive=True).method.message_count)
 
             levels = sum(depth(delay_queue(queue_name, level)) for level in range(DELAY_LEVELS))
-            return depth(queue_name), levels, depth(dead_letter_queue(queue_name))
+            ready = depth(queue_name) + depth(redelivered_queue(queue_name))
+            return ready, levels, depth(dead_letter_queue(queue_name))
 
         try:
             return self._admin_call(count)  # type: ignore[no-any-return]
@@ -545,4 +553,4 @@ def _flush_at_exit() -> None:
             logger.error("exiting with RabbitMQ messages that were not confirmed: %s", e)
 
 
-__all__ = ["RabbitmqBroker", "delay_route", "publish_frames"]
+__all__ = ["RabbitmqBroker", "delay_route", "publish_frames", "redelivered_queue"]

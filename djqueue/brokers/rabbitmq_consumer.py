@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -17,7 +18,7 @@ import pika.exceptions
 from ..errors import BrokerError, ConnectionError, DecodeError
 from ..message import Message, current_millis
 from .base import Consumer, MessageProxy
-from .rabbitmq_publisher import RECOVERABLE, Broken
+from .rabbitmq_publisher import RECOVERABLE, Broken, Pending
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -32,6 +33,14 @@ generations = itertools.count(1)
 
 _ACK, _NACK, _REQUEUE = "ack", "nack", "requeue"
 
+# Deliveries of a message that ended without an ack or nack (its process died, its
+# connection dropped), carried by the copy the consumer sends round through q.RQ.
+DELIVERIES_HEADER = "x-djqueue-deliveries"
+
+
+def redelivered_queue(queue_name: str) -> str:
+    return f"{queue_name}.RQ"
+
 
 def _noop() -> None:
     pass
@@ -39,6 +48,14 @@ def _noop() -> None:
 
 class RabbitmqConsumer(Consumer):
     """Consumes one queue on its own pika connection, driven by the consumer thread.
+
+    RabbitMQ marks a message it gives back after a crash only "redelivered" (quorum
+    queues count, but count a requeue too), so the consumer keeps the count itself: a
+    redelivered message is published again to ``q.RQ`` with its count in a header, then
+    acked. The consumer takes ``q.RQ`` one message at a time (a prefetch of its own), so
+    a message that keeps killing its process is held alone, and the messages fetched
+    with it the first time do not go down with it again. A requeue publishes the message
+    again with its count unchanged, so it does not count as a delivery.
 
     Worker threads settle messages by appending to ``ops``; the consumer thread applies
     them, woken from ``process_data_events`` by ``add_callback_threadsafe``. A proxy's
@@ -56,11 +73,12 @@ class RabbitmqConsumer(Consumer):
         self.connection_name = f"djqueue consumer {queue_name} pid={os.getpid()} n={next(generations)}"
         self.connection: Any = None
         self.channel: Any = None
-        self.consumer_tag = ""
+        self.consumer_tags: list[str] = []
         self.generation = 0
         self.buffer: collections.deque[tuple[int, bool, Any, bytes]] = collections.deque()
-        self.unsettled: set[int] = set()  # delivered on this connection, not settled yet
-        self.ops: collections.deque[tuple[int, str, int]] = collections.deque()
+        # Delivered on this connection, not settled yet: tag -> the queue it came from.
+        self.unsettled: dict[int, str] = {}
+        self.ops: collections.deque[tuple[int, str, int, MessageProxy]] = collections.deque()
         self.owner = threading.get_ident()  # the thread that runs __next__
         self.inside = False  # the owner is inside __next__
         self.waiting = False
@@ -88,15 +106,17 @@ class RabbitmqConsumer(Consumer):
         connection = self.broker._blocking_connection(self.connection_name)
         try:
             channel = connection.channel()
-            channel.basic_qos(prefetch_count=self.prefetch)
             channel.add_on_cancel_callback(self._on_cancel)
             generation = next(generations)
             self.buffer.clear()
             self.unsettled.clear()
             self.generation, self.cancelled = generation, False
-            self.consumer_tag = channel.basic_consume(
-                self.queue_name, lambda *args: self._on_message(generation, *args), auto_ack=False
-            )
+            self.consumer_tags = []
+            # A per-consumer prefetch: the main queue's, then one for q.RQ.
+            for name, prefetch in ((self.queue_name, self.prefetch), (redelivered_queue(self.queue_name), 1)):
+                channel.basic_qos(prefetch_count=prefetch)
+                callback = functools.partial(self._on_message, generation, name)
+                self.consumer_tags.append(channel.basic_consume(name, callback, auto_ack=False))
         except RECOVERABLE as e:
             self.generation = 0
             close_quietly(connection)
@@ -106,9 +126,11 @@ class RabbitmqConsumer(Consumer):
         self.connection, self.channel = connection, channel
         self.backoff = 0.1
 
-    def _on_message(self, generation: int, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_message(
+        self, generation: int, source: str, channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
         if generation == self.generation:
-            self.unsettled.add(method.delivery_tag)
+            self.unsettled[method.delivery_tag] = source
             self.buffer.append((method.delivery_tag, method.redelivered, properties, body))
 
     def _on_cancel(self, frame: Any) -> None:
@@ -185,18 +207,60 @@ class RabbitmqConsumer(Consumer):
 
     def _apply_ops(self) -> None:
         acks = []
+        requeues: list[tuple[int, MessageProxy]] = []
         ops, unsettled, channel = self.ops, self.unsettled, self.channel
         while ops:
-            generation, kind, tag = ops.popleft()
+            generation, kind, tag, proxy = ops.popleft()
             if generation != self.generation or tag not in unsettled:
                 continue  # delivered on a connection that is gone: RabbitMQ gave it back
             if kind is _ACK:
                 acks.append(tag)
+            elif kind is _REQUEUE:
+                requeues.append((tag, proxy))
             else:
-                unsettled.discard(tag)
-                channel.basic_nack(tag, multiple=False, requeue=kind is _REQUEUE)
+                del unsettled[tag]
+                channel.basic_nack(tag, multiple=False, requeue=False)
+        if requeues:
+            self._give_back(requeues)
         if acks:
             self._ack(acks)
+
+    def _give_back(self, requeues: list[tuple[int, MessageProxy]]) -> None:
+        items = []
+        for tag, proxy in requeues:
+            message = proxy.message if proxy.decode_error is None else None
+            priority = message.priority if message is not None and isinstance(message.priority, int) else 0
+            items.append((tag, proxy.data or b"", priority, proxy.delivery_count - 1))
+        self._return(items)
+
+    def _return(self, items: list[tuple[int, bytes, Any, int]]) -> None:
+        """Give (tag, body, priority, earlier deliveries) back to the queues they came
+        from, uncounted: published again with the count they had, then acked. A
+        basic.nack with requeue would bring them back "redelivered", counted."""
+        if not items:
+            return
+        entries = [self._entry(self.unsettled[t], body, priority or 0, n) for t, body, priority, n in items]
+        try:
+            self._publish(entries)
+        except (BrokerError, ValueError, TypeError) as e:
+            logger.warning("could not give %d message(s) back uncounted (%s): requeueing", len(entries), e)
+            for tag, *_ in items:
+                del self.unsettled[tag]
+                self.channel.basic_nack(tag, multiple=False, requeue=True)
+            return
+        for tag, *_ in items:
+            del self.unsettled[tag]
+            self.channel.basic_ack(tag)
+
+    def _entry(self, routing_key: str, body: bytes, priority: int, deliveries: int) -> Pending:
+        priority = min(max(int(priority), 0), self.broker.max_priority)
+        headers = {DELIVERIES_HEADER: deliveries} if deliveries > 0 else None
+        return Pending(self.queue_name, b"", routing_key.encode(), body, priority, headers)
+
+    def _publish(self, entries: list[Pending]) -> None:
+        publisher = self.broker._publisher()
+        with publisher.lock:
+            publisher.publish(entries, 1)  # confirmed before the original is acked
 
     def _ack(self, acks: list[int]) -> None:
         done = set(acks)
@@ -210,14 +274,16 @@ class RabbitmqConsumer(Consumer):
             self.channel.basic_ack(prefix[0])
         for tag in sorted(done.difference(prefix)):
             self.channel.basic_ack(tag)
-        self.unsettled -= done
+        for tag in done:
+            del self.unsettled[tag]
 
     def _proxy(self, tag: int, redelivered: bool, properties: Any, body: bytes) -> MessageProxy | None:
-        count = (properties.headers or {}).get("x-delivery-count")
-        if self.broker.queue_type == "quorum" and isinstance(count, int):
-            delivery_count = count + 1
-        else:
-            delivery_count = 2 if redelivered else 1
+        delivery_count = self._earlier(properties) + 1
+        if redelivered:
+            # Its last delivery ended unsettled (a process died, a connection dropped).
+            delivery_count += 1
+            if self._count_again(tag, properties, body, delivery_count - 1):
+                return None
         proxy_tag = (self.generation, tag)
         try:
             message = Message.decode(body)
@@ -231,6 +297,23 @@ class RabbitmqConsumer(Consumer):
             return None
         return MessageProxy(message, data=body, tag=proxy_tag, delivery_count=delivery_count)
 
+    @staticmethod
+    def _earlier(properties: Any) -> int:
+        earlier = (properties.headers or {}).get(DELIVERIES_HEADER, 0)
+        return earlier if isinstance(earlier, int) and earlier > 0 else 0
+
+    def _count_again(self, tag: int, properties: Any, body: bytes, deliveries: int) -> bool:
+        entry = self._entry(redelivered_queue(self.queue_name), body, properties.priority or 0, deliveries)
+        try:
+            self._publish([entry])
+        except (BrokerError, ValueError, TypeError) as e:
+            # Run it now, counted in memory only: better than holding up the queue.
+            logger.warning("could not send a redelivered message round (%s); running it", e)
+            return False
+        del self.unsettled[tag]
+        self.channel.basic_ack(tag)
+        return True
+
     def _redelay(self, message: Message, body: bytes, tag: int) -> bool:
         # Only a delay longer than MAX_DELAY arrives early: send it round again.
         try:
@@ -241,7 +324,7 @@ class RabbitmqConsumer(Consumer):
         except (BrokerError, ValueError, TypeError) as e:
             logger.warning("could not delay %s again (%s); running it early", message.message_id, e)
             return False
-        self.unsettled.discard(tag)
+        del self.unsettled[tag]
         self.channel.basic_ack(tag)
         return True
 
@@ -249,7 +332,7 @@ class RabbitmqConsumer(Consumer):
 
     def _settle(self, kind: str, proxy: MessageProxy) -> None:
         generation, tag = proxy.tag
-        self.ops.append((generation, kind, tag))
+        self.ops.append((generation, kind, tag, proxy))
         if threading.get_ident() == self.owner and not self.inside:
             # The consumer's own thread, between two next(): apply at once.
             if self.connection is not None:
@@ -295,9 +378,25 @@ class RabbitmqConsumer(Consumer):
         if connection is None:
             return
         try:
+            # Stop RabbitMQ sending more: a channel-wide prefetch no higher than what we
+            # hold (frames arrive in order, so all it sent before is here once the
+            # qos-ok is), then take that in. Cancelling would give back, counted, what
+            # was still on its way. Then settle: what was given back or never handed out
+            # returns uncounted; what was handed out and not settled returns counted
+            # when the connection closes, as if this process had died.
+            channel.basic_qos(prefetch_count=max(1, len(self.unsettled)), global_qos=True)
+            connection.process_data_events(0)
+            for consumer_tag in self.consumer_tags:
+                channel.basic_cancel(consumer_tag)
             self._apply_ops()
-            channel.basic_cancel(self.consumer_tag)
-        except RECOVERABLE:
+            unread = [
+                (tag, body, properties.priority, self._earlier(properties))
+                for tag, redelivered, properties, body in self.buffer
+                if not redelivered and tag in self.unsettled
+            ]
+            self.buffer.clear()
+            self._return(unread)
+        except (BrokerError, *RECOVERABLE):
             pass
         finally:
             self.connection = self.channel = None

@@ -43,16 +43,23 @@ FATAL_CODES = (403, 530)  # wrong credentials, unknown vhost: retrying does not 
 class Pending:
     """A message to publish, kept until RabbitMQ confirms it."""
 
-    __slots__ = ("body", "exchange", "priority", "queue_name", "returns", "routing_key", "sent_at")
+    __slots__ = ("body", "exchange", "headers", "priority", "queue_name", "returns", "routing_key", "sent_at")
 
     def __init__(
-        self, queue_name: str, exchange: bytes, routing_key: bytes, body: bytes, priority: int
+        self,
+        queue_name: str,
+        exchange: bytes,
+        routing_key: bytes,
+        body: bytes,
+        priority: int,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         self.queue_name = queue_name
         self.exchange = exchange
         self.routing_key = routing_key
         self.body = body
         self.priority = priority
+        self.headers = headers
         self.sent_at = 0.0
         self.returns = 0  # how often RabbitMQ returned it as unroutable
 
@@ -69,11 +76,19 @@ def _frame(kind: int, payload: bytes) -> bytes:
     return struct.pack(">BHI", kind, 1, len(payload)) + payload + b"\xce"
 
 
-def publish_frames(exchange: bytes, routing_key: bytes, body: bytes, priority: int, frame_max: int) -> bytes:
+def publish_frames(
+    exchange: bytes,
+    routing_key: bytes,
+    body: bytes,
+    priority: int,
+    frame_max: int,
+    headers: dict[str, Any] | None = None,
+) -> bytes:
     """The AMQP frames of one persistent, mandatory basic.publish on channel 1.
 
     Written by hand because it is the hot path: pika's marshalling costs more than the
     rest of an enqueue. tests/brokers/test_rabbitmq.py checks the bytes against pika's.
+    Only a message sent round again carries ``headers``; pika encodes those.
     """
     method = (
         struct.pack(">HHHB", 60, 40, 0, len(exchange))
@@ -82,11 +97,14 @@ def publish_frames(exchange: bytes, routing_key: bytes, body: bytes, priority: i
         + routing_key
         + b"\x01"  # mandatory: an unroutable message comes back instead of vanishing
     )
-    if priority:
-        header = struct.pack(">HHQHBB", 60, 0, len(body), 0x1800, 2, priority)
+    if headers:
+        properties = spec.BasicProperties(delivery_mode=2, priority=priority or None, headers=headers)
+        header_frame = pika.frame.Header(1, len(body), properties).marshal()
+    elif priority:
+        header_frame = _frame(2, struct.pack(">HHQHBB", 60, 0, len(body), 0x1800, 2, priority))
     else:
-        header = struct.pack(">HHQHB", 60, 0, len(body), 0x1000, 2)
-    parts = [_frame(1, method), _frame(2, header)]
+        header_frame = _frame(2, struct.pack(">HHQHB", 60, 0, len(body), 0x1000, 2))
+    parts = [_frame(1, method), header_frame]
     step = frame_max - 8
     parts += [_frame(3, body[i : i + step]) for i in range(0, len(body), step)]
     return b"".join(parts)
@@ -235,7 +253,12 @@ class Publisher:
             size = 0
             for entry in self.outbox:
                 data = publish_frames(
-                    entry.exchange, entry.routing_key, entry.body, entry.priority, self.frame_max
+                    entry.exchange,
+                    entry.routing_key,
+                    entry.body,
+                    entry.priority,
+                    self.frame_max,
+                    entry.headers,
                 )
                 batch.append(entry)
                 chunks.append(data)

@@ -15,9 +15,8 @@ class MaxDeliveries(Middleware):
     with a reason saying so. Actor option ``max_deliveries``; default
     ``DJQUEUE["MAX_DELIVERIES"]`` (5).
 
-    The count comes from the broker (``MessageProxy.delivery_count``): exact on the
-    database and Redis brokers and on RabbitMQ quorum queues; on classic RabbitMQ queues
-    a redelivered message counts as its second delivery only.
+    The count comes from the broker (``MessageProxy.delivery_count``), exact on every
+    broker; a requeue (graceful shutdown) does not count.
     """
 
     actor_options = frozenset({"max_deliveries"})

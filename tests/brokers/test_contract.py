@@ -78,6 +78,23 @@ def test_requeue_and_close_give_messages_back(case, queue):
     again.close()
 
 
+def test_a_requeue_does_not_count_as_a_delivery(case, queue):
+    broker = case.make()
+    sent = broker.enqueue(make_message(queue, "requeued"))
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    proxy = take(consumer)
+    assert proxy.delivery_count == 1
+    for _ in range(2):
+        # A graceful give-back (shutdown): no delivery failed, so MaxDeliveries must not
+        # come closer to dead-lettering the message.
+        consumer.requeue([proxy])
+        proxy = take(consumer)
+        assert (proxy.message_id, proxy.delivery_count) == (sent.message_id, 1)
+    consumer.ack(proxy)
+    wait_for(lambda: settled(broker, queue), message="the ack")
+    consumer.close()
+
+
 def test_delay_and_eta_ordering(case, queue):
     broker = case.make()
     start = time.monotonic()

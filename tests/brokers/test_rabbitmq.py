@@ -24,6 +24,7 @@ from djqueue.brokers.rabbitmq import (
     dead_letter_queue,
     delay_route,
     publish_frames,
+    redelivered_queue,
 )
 from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.message import Message, current_millis
@@ -101,19 +102,20 @@ def close_connection(name: str) -> None:
 # -- without a server -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("headers", [None, {"x-djqueue-deliveries": 3}])
 @pytest.mark.parametrize("priority", [0, 7])
 @pytest.mark.parametrize("size", [0, 10, 300_000])
-def test_hand_written_publish_frames_equal_pikas(priority, size):
+def test_hand_written_publish_frames_equal_pikas(priority, size, headers):
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     frame_max = 131072
     expected = pika.frame.Method(
         1, spec.Basic.Publish(exchange="djqueue.delay.3", routing_key="0.1.q", mandatory=True)
     ).marshal()
-    properties = pika.BasicProperties(delivery_mode=2, priority=priority or None)
+    properties = pika.BasicProperties(delivery_mode=2, priority=priority or None, headers=headers)
     expected += pika.frame.Header(1, len(body), properties).marshal()
     for start in range(0, len(body), frame_max - 8):
         expected += pika.frame.Body(1, body[start : start + frame_max - 8]).marshal()
-    assert publish_frames(b"djqueue.delay.3", b"0.1.q", body, priority, frame_max) == expected
+    assert publish_frames(b"djqueue.delay.3", b"0.1.q", body, priority, frame_max, headers) == expected
 
 
 @pytest.mark.parametrize("delay", [1, 2, 3, 500, 1500, 86_400_000, 2**DELAY_LEVELS - 1])
@@ -263,21 +265,65 @@ def test_malformed_payloads_are_yielded_as_malformed_and_consuming_goes_on(broke
     consumer.close()
 
 
-def test_close_gives_unacked_messages_back_and_they_come_back_redelivered(broker, queue):
+def test_close_gives_unacked_messages_back_and_they_come_back_counted(broker, queue):
     sent = {broker.enqueue(message(queue, n)).message_id for n in range(3)}
     consumer = broker.consume(queue, prefetch=3, timeout=100)
     first = [take(consumer) for _ in range(3)]
     assert {p.delivery_count for p in first} == {1}
-    consumer.requeue(first[:1])
-    consumer.close()
+    consumer.requeue(first[:1])  # given back: not counted
+    consumer.close()  # the other two end unsettled, as if the process died: counted
     again = broker.consume(queue, prefetch=3, timeout=100)
-    second = [take(again) for _ in range(3)]
-    assert {p.message_id for p in second} == sent
-    assert {p.delivery_count for p in second} == {2}
-    for proxy in second:
-        again.ack(proxy)
+    second = {}
+    while len(second) < 3:
+        proxy = take(again)
+        second[proxy.message_id] = proxy.delivery_count
+        again.ack(proxy)  # q.RQ hands out one at a time
+    assert set(second) == sent
+    assert second[first[0].message_id] == 1
+    assert sorted(second.values()) == [1, 2, 2]
     wait_for(lambda: broker.get_queue_stats(queue)[:3] == (0, 0, 0), message="acks")
     again.close()
+
+
+def test_deliveries_are_counted_on_classic_queues(broker, queue):
+    sent = broker.enqueue(message(queue, "crasher"))
+    for expected in (1, 2, 3, 4):
+        consumer = broker.consume(queue, prefetch=4, timeout=100)
+        proxy = take(consumer)
+        assert (proxy.message_id, proxy.delivery_count) == (sent.message_id, expected)
+        consumer.close()  # as when the process running it dies
+    connection, channel = raw_channel()
+    try:
+        method, properties, _ = channel.basic_get(redelivered_queue(queue))
+        # Three deliveries ended unsettled before the fourth, which did too.
+        assert properties.headers == {"x-djqueue-deliveries": 3} and method.redelivered
+        channel.basic_nack(method.delivery_tag, requeue=False)
+    finally:
+        connection.close()
+
+
+def test_a_much_delivered_message_is_held_alone(broker, queue):
+    suspects = {broker.enqueue(message(queue, n)).message_id for n in ("a", "b")}
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    assert {take(consumer).message_id for _ in range(2)} == suspects
+    consumer.close()  # both come back counted: either may be what killed the process
+    fresh = {broker.enqueue(message(queue, n)).message_id for n in range(3)}
+    consumer = broker.consume(queue, prefetch=10, timeout=100)
+    held = {}
+    while len(held) < 4:
+        proxy = take(consumer)
+        held[proxy.message_id] = proxy
+    assert fresh < set(held), "fresh messages flow beside the held one"
+    (first,) = [p for p in held.values() if p.message_id in suspects]
+    assert first.delivery_count == 2
+    assert next(consumer) is None, "a second much-delivered message while one is held"
+    consumer.ack(first)
+    second = take(consumer)
+    assert second.message_id in suspects - {first.message_id} and second.delivery_count == 2
+    for proxy in [second, *(held[m] for m in fresh)]:
+        consumer.ack(proxy)
+    wait_for(lambda: broker.get_queue_stats(queue)[:3] == (0, 0, 0), message="acks")
+    consumer.close()
 
 
 def test_acks_from_worker_threads_land_while_the_consumer_waits(broker, queue):
@@ -404,13 +450,14 @@ def test_after_a_lost_connection_stale_tags_are_never_acked(broker, queue):
     consumer = broker.consume(queue, prefetch=3, timeout=200)
     old = [take(consumer) for _ in range(3)]
     close_connection(consumer.connection_name)
-    # The consumer reconnects by itself; RabbitMQ redelivers the unacked messages.
-    new = [take(consumer, timeout=30) for _ in range(3)]
-    assert {p.message_id for p in new} == sent and {p.delivery_count for p in new} == {2}
-    assert {p.tag[1] for p in new} == {p.tag[1] for p in old}, "same delivery tags, new channel"
+    # The consumer reconnects by itself; RabbitMQ redelivers the unacked messages (tags 1
+    # to 3 again, on the new channel), which go round through q.RQ, counted.
+    new = take(consumer, timeout=30)
+    assert new.message_id in sent and new.delivery_count == 2
     for proxy in old:
-        consumer.ack(proxy)  # must not ack the new deliveries that have the same tags
+        consumer.ack(proxy)  # must not ack a new delivery, whatever its tag
     next(consumer)
+    assert consumer.holding() == 1
     consumer.close()
     wait_for(lambda: broker.get_queue_stats(queue).ready == 3, message="all three back in the queue")
 
@@ -587,7 +634,11 @@ def test_quorum_queue_path(make_broker, queue):
     assert proxy.delivery_count == 1
     consumer.requeue([proxy])
     proxy = take(consumer)
-    assert proxy.message_id == first.message_id and proxy.delivery_count == 2  # x-delivery-count
+    assert proxy.message_id == first.message_id and proxy.delivery_count == 1  # not counted
+    consumer.close()
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    proxy = take(consumer)
+    assert proxy.message_id == first.message_id and proxy.delivery_count == 2
     consumer.nack(proxy)
     wait_for(lambda: broker.get_queue_stats(queue).dead == 1, message="the dead letter")
     start = time.monotonic()

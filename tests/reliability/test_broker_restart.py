@@ -226,7 +226,9 @@ def test_postgresql_restart(queue, record_dir, workers, figures):
 
 @pytest.mark.rabbitmq
 def test_rabbitmq_restart(queue, record_dir, workers, figures):
-    broker = broker_from_url(RABBITMQ_URL)
+    # A send waits up to confirm_timeout for RabbitMQ to come back, then raises: shorter
+    # than the outage here, so some sends must raise, and every other one must run.
+    broker = broker_from_url(RABBITMQ_URL, confirm_timeout=1500)
 
     def restart() -> None:
         # Disturbs every user of the shared RabbitMQ: the only test that does it, kept short.

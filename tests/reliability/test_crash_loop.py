@@ -12,9 +12,9 @@ import pytest
 
 from djqueue import conf
 from djqueue.models import DeadLetter
-from tests.brokers.conftest import BrokerCase
+from tests.brokers.conftest import BrokerCase, make_case
 from tests.process import read_records, wait_for
-from tests.reliability.conftest import executions, rabbitmq_vhost
+from tests.reliability.conftest import BROKERS, cleanup_case, executions, rabbitmq_vhost
 from tests.testapp.tasks import slow_record
 from tests.testapp.tasks_reliability import crash_loop
 
@@ -24,25 +24,25 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def crash_case(case: BrokerCase, request: pytest.FixtureRequest) -> Iterator[BrokerCase]:
-    if case.name != "rabbitmq":
-        yield case
-        return
-    # Classic queues only say "redelivered", so they cannot count deliveries; quorum
-    # queues count them exactly (x-delivery-count). In a virtual host of their own, as
-    # the queues of the shared one were declared classic.
-    case.options["queue_type"] = "quorum"
-    request.applymarker(
-        pytest.mark.xfail(
-            reason="the RabbitMQ broker redelivers the messages a killed process held together, so "
-            "innocent messages fetched with the crasher reach max_deliveries and are dead-lettered "
-            "with it (the database and Redis brokers hold a much-delivered message alone)",
-            strict=False,
-        )
-    )
-    with rabbitmq_vhost(case):
-        yield case
+@pytest.fixture(
+    params=[
+        *BROKERS,
+        pytest.param("rabbitmq-quorum", id="rabbitmq-quorum", marks=pytest.mark.rabbitmq),
+    ]
+)
+def crash_case(request: pytest.FixtureRequest) -> Iterator[BrokerCase]:
+    quorum = request.param == "rabbitmq-quorum"
+    case = make_case("rabbitmq" if quorum else request.param)
+    try:
+        if quorum:
+            # In a virtual host of its own: the shared one's queues were declared classic.
+            case.options["queue_type"] = "quorum"
+            with rabbitmq_vhost(case):
+                yield case
+        else:
+            yield case
+    finally:
+        cleanup_case(case)
 
 
 def test_crash_looping_job_is_dead_lettered_and_work_goes_on(crash_case, queue, record_dir, workers, figures):
@@ -93,7 +93,7 @@ def test_crash_looping_job_is_dead_lettered_and_work_goes_on(crash_case, queue, 
     wrongly_dead = innocents()
     figures.add(
         "3. crash-looping job (2 processes x 4 threads)",
-        case.name + (" (quorum)" if case.name == "rabbitmq" else ""),
+        case.name + (" (quorum queues)" if case.options.get("queue_type") == "quorum" else ""),
         messages=len(good) + 2, faults="2 jobs that kill their process (os._exit(1), SIGKILL)",
         lost=len(good - seen), duplicated=runs - sum(attempts.values()) - len(good & seen),
         crasher_runs=f"{attempts['exit']}+{attempts['sigkill']}", seconds_to_dead_letter=round(dead_after, 1),
