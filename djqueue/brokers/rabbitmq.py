@@ -24,7 +24,9 @@ never holds up a shorter one.
 Publishing uses one connection per thread, a small AMQP client on pika's frame codec:
 a publish writes to the socket and returns, the message stays in the thread's memory
 until RabbitMQ confirms it, and it is published again on a new connection if the old one
-fails. See docs/rabbitmq-broker.md.
+fails. Each consumer has its own connection, read by the same kind of client
+(rabbitmq_consumer.py): worker threads write their acks straight to its socket. See
+docs/rabbitmq-broker.md.
 """
 
 from __future__ import annotations
@@ -405,7 +407,7 @@ class RabbitmqBroker(Broker):
         entries = [self._pending(m.queue_name, data, m.priority, m.eta) for m, data in prepared]
         publisher = self._publisher()
         with publisher.lock:
-            publisher.publish(entries, 1)  # a batch returns confirmed
+            publisher.publish(entries, self.max_unconfirmed)  # confirmed as single sends are
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         """Put arbitrary bytes on a queue, as a misbehaving producer would (for tests)."""

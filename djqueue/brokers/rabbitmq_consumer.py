@@ -1,24 +1,32 @@
-"""The consuming side of the RabbitMQ broker: one pika BlockingConnection per consumer."""
+"""The consuming side of the RabbitMQ broker: a small AMQP 0-9-1 client per consumer.
+
+pika's BlockingConnection runs an I/O loop, timers and a callback dispatch around every
+delivery, and an ack from a worker thread has to wake the consumer's thread and flush
+through that loop. This client reads frames from the socket itself (the deliveries of
+djqueue's own messages are parsed by hand, anything else by pika's codec), and a worker
+thread writes its ack straight to the socket, under a lock.
+"""
 
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import logging
 import os
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import pika
-import pika.exceptions
+import pika.frame
+from pika import spec
 
 from ..errors import BrokerError, ConnectionError, DecodeError
 from ..message import Message, current_millis
 from .base import Consumer, MessageProxy
-from .rabbitmq_publisher import RECOVERABLE, Broken, Pending
+from .rabbitmq_publisher import RECOVERABLE, AmqpClient, Broken, Pending
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -29,25 +37,54 @@ logger = logging.getLogger("djqueue.broker.rabbitmq")
 # levels hold: it goes round again.
 REDELAY_THRESHOLD = 1000
 
-generations = itertools.count(1)
-
-_ACK, _NACK, _REQUEUE = "ack", "nack", "requeue"
-
 # Deliveries of a message that ended without an ack or nack (its process died, its
 # connection dropped), carried by the copy the consumer sends round through q.RQ.
 DELIVERIES_HEADER = "x-djqueue-deliveries"
+
+generations = itertools.count(1)
+
+_DELIVER = spec.Basic.Deliver.INDEX
+_HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+_ACK_HEAD = struct.pack(">BHIHH", 1, 1, 13, 60, 80)  # basic.ack on channel 1; tag, bits follow
+_UNPACK_FRAME = struct.Struct(">BHI").unpack_from
+_UNPACK_METHOD = struct.Struct(">I").unpack_from
+_UNPACK_TAG = struct.Struct(">QB").unpack_from
+_UNPACK_SIZE_FLAGS = struct.Struct(">QH").unpack_from
 
 
 def redelivered_queue(queue_name: str) -> str:
     return f"{queue_name}.RQ"
 
 
-def _noop() -> None:
-    pass
+class Delivery:
+    """What RabbitMQ sent: tag, redelivered flag, priority, headers and body."""
+
+    __slots__ = ("body", "headers", "priority", "redelivered", "size", "source", "tag")
+
+    def __init__(self, tag: int, redelivered: bool, source: str) -> None:
+        self.tag = tag
+        self.redelivered = redelivered
+        self.source = source
+        self.priority = 0
+        self.headers: dict[str, Any] | None = None
+        self.size = 0
+        self.body: Any = b""
+
+    @property
+    def earlier(self) -> int:
+        """Deliveries before this one that ended unsettled, as the header says."""
+        earlier = (self.headers or {}).get(DELIVERIES_HEADER, 0)
+        return earlier if isinstance(earlier, int) and earlier > 0 else 0
 
 
-class RabbitmqConsumer(Consumer):
-    """Consumes one queue on its own pika connection, driven by the consumer thread.
+class RabbitmqConsumer(AmqpClient, Consumer):
+    """Consumes one queue on a connection of its own.
+
+    The consumer thread reads; any thread acks, nacks or requeues by writing to the
+    socket under ``lock``. A proxy's tag is (connection generation, delivery tag): once
+    the connection is replaced, settling a message delivered on the old one does nothing
+    (RabbitMQ already gave it back), and can never ack another message that has the same
+    tag on the new channel.
 
     RabbitMQ marks a message it gives back after a crash only "redelivered" (quorum
     queues count, but count a requeue too), so the consumer keeps the count itself: a
@@ -56,85 +93,148 @@ class RabbitmqConsumer(Consumer):
     a message that keeps killing its process is held alone, and the messages fetched
     with it the first time do not go down with it again. A requeue publishes the message
     again with its count unchanged, so it does not count as a delivery.
-
-    Worker threads settle messages by appending to ``ops``; the consumer thread applies
-    them, woken from ``process_data_events`` by ``add_callback_threadsafe``. A proxy's
-    tag is (connection generation, delivery tag): once the connection is replaced,
-    settling a message delivered on the old one does nothing (RabbitMQ already gave it
-    back), and can never ack another message that has the same tag on the new channel.
     """
+
+    heartbeat = 60  # seconds at most; RabbitMQ or the URL may ask for less
 
     def __init__(self, broker: RabbitmqBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         self.broker = broker
         self.queue_name = queue_name
         self.prefetch = max(1, int(prefetch))
-        self.ack_batch = max(1, self.prefetch // 4)
         self.timeout = timeout / 1000
         self.connection_name = f"djqueue consumer {queue_name} pid={os.getpid()} n={next(generations)}"
-        self.connection: Any = None
-        self.channel: Any = None
-        self.consumer_tags: list[str] = []
+        self.sock: Any = None
+        self.poller: Any = None
+        self.frame_max = 131072
+        self.lock = threading.Lock()  # writes to the socket, and ``unsettled``
+        self.rx = bytearray()
         self.generation = 0
-        self.buffer: collections.deque[tuple[int, bool, Any, bytes]] = collections.deque()
+        self.sources: dict[str, str] = {}  # consumer tag -> the queue it consumes
+        self.buffer: collections.deque[Delivery] = collections.deque()
+        self.incoming: Delivery | None = None  # a delivery whose body is still arriving
         # Delivered on this connection, not settled yet: tag -> the queue it came from.
         self.unsettled: dict[int, str] = {}
-        self.ops: collections.deque[tuple[int, str, int, MessageProxy]] = collections.deque()
         self.owner = threading.get_ident()  # the thread that runs __next__
         self.inside = False  # the owner is inside __next__
-        self.waiting = False
-        self.woken = False
         self.cancelled = False
         self.closed = False
+        self.awaiting: type | None = None  # the answer _expect waits for
+        self.answer: Any = None
+        self.consuming = queue_name  # the queue of the basic.consume awaiting its ok
+        self.last_read = self.last_write = 0.0
         self.retry_at = 0.0
         self.backoff = 0.1
         try:
-            self._connect()
+            self._start()
         except (ConnectionError, BrokerError) as e:
             logger.warning("the consumer of %r will connect later: %s", queue_name, e)
 
     def holding(self) -> int:
         """Messages delivered to this consumer and not settled yet."""
-        if threading.get_ident() == self.owner and not self.inside and self.connection is not None:
+        if threading.get_ident() == self.owner and not self.inside and self.sock is not None:
             # Between two next() on the owner's thread: take in what RabbitMQ already sent.
             try:
-                self.connection.process_data_events(0)
-            except RECOVERABLE as e:
+                self._read(0)
+            except (Broken, *RECOVERABLE) as e:
                 self._lost(e)
         return len(self.unsettled)
 
-    def _connect(self) -> None:
-        connection = self.broker._blocking_connection(self.connection_name)
+    # -- connecting -----------------------------------------------------------------
+
+    def _start(self) -> None:
         try:
-            channel = connection.channel()
-            channel.add_on_cancel_callback(self._on_cancel)
-            generation = next(generations)
-            self.buffer.clear()
-            self.unsettled.clear()
-            self.generation, self.cancelled = generation, False
-            self.consumer_tags = []
-            # A per-consumer prefetch: the main queue's, then one for q.RQ.
-            for name, prefetch in ((self.queue_name, self.prefetch), (redelivered_queue(self.queue_name), 1)):
-                channel.basic_qos(prefetch_count=prefetch)
-                callback = functools.partial(self._on_message, generation, name)
-                self.consumer_tags.append(channel.basic_consume(name, callback, auto_ack=False))
-        except RECOVERABLE as e:
-            self.generation = 0
-            close_quietly(connection)
-            if isinstance(e, pika.exceptions.ChannelClosedByBroker) and e.reply_code == 404:
+            self._connect(time.monotonic() + 30)
+        except (Broken, *RECOVERABLE) as e:
+            self._close_socket()
+            if isinstance(e, Broken) and e.code == 404:
                 self.broker._redeclare(self.queue_name)
-            raise ConnectionError(f"cannot consume {self.queue_name!r}: {e!r}") from None
-        self.connection, self.channel = connection, channel
+            raise ConnectionError(f"cannot consume {self.queue_name!r}: {e}") from None
         self.backoff = 0.1
 
-    def _on_message(
-        self, generation: int, source: str, channel: Any, method: Any, properties: Any, body: bytes
-    ) -> None:
-        if generation == self.generation:
-            self.unsettled[method.delivery_tag] = source
-            self.buffer.append((method.delivery_tag, method.redelivered, properties, body))
+    def _opened(self, sock: Any) -> None:
+        self.rx = bytearray()
+        self.incoming = None
+        self.buffer.clear()
+        self.last_read = self.last_write = time.monotonic()
+        with self.lock:
+            self.unsettled.clear()
+            self.generation = 0
 
-    def _on_cancel(self, frame: Any) -> None:
-        self.cancelled = True
+    def _setup_channel(self, deadline: float) -> None:
+        self.cancelled = False
+        self.sources = {}
+        # A per-consumer prefetch: the main queue's, then one for q.RQ.
+        for name, prefetch in ((self.queue_name, self.prefetch), (redelivered_queue(self.queue_name), 1)):
+            self._send_method(1, spec.Basic.Qos(prefetch_count=prefetch))
+            self._expect(spec.Basic.QosOk, deadline)
+            self.consuming = name
+            self._send_method(1, spec.Basic.Consume(queue=name))
+            self._expect(spec.Basic.ConsumeOk, deadline)
+        # Reads block in poll(); a socket timeout only bounds a write to a stuck peer.
+        self.sock.settimeout(30)
+        with self.lock:
+            self.generation = next(generations)
+
+    def _reconnect(self, deadline: float) -> bool:
+        now = time.monotonic()
+        if now < self.retry_at:
+            pause = min(self.retry_at, deadline) - now
+            if pause > 0:
+                time.sleep(pause)
+            if time.monotonic() < self.retry_at:
+                return False
+        try:
+            self._start()
+        except (ConnectionError, BrokerError) as e:
+            logger.warning("cannot consume %r yet, retrying in %.1fs: %s", self.queue_name, self.backoff, e)
+            self.retry_at = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, 10.0)
+            return time.monotonic() < deadline
+        logger.info("consuming %r again", self.queue_name)
+        return True
+
+    def _lost(self, error: BaseException) -> None:
+        logger.warning(
+            "lost the connection consuming %r (%s); its %d unacked message(s) go back to the queue",
+            self.queue_name,
+            error,
+            len(self.unsettled),
+        )
+        with self.lock:
+            self.generation = 0
+            self.unsettled.clear()
+            self._close_socket()
+        self.buffer.clear()
+        self.incoming = None
+        self.retry_at = time.monotonic()
+
+    # -- writing (any thread) -------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        # With ``lock`` held.
+        sock = self.sock
+        if sock is None:
+            raise Broken("not connected")
+        sock.sendall(data)
+        self.last_write = time.monotonic()
+
+    def _send_method(self, channel: int, method: Any) -> None:
+        with self.lock:
+            self._write(pika.frame.Method(channel, method).marshal())
+
+    def _settle(self, proxy: MessageProxy, frame: bytes) -> bool:
+        generation, tag = proxy.tag
+        with self.lock:
+            if generation != self.generation or self.unsettled.pop(tag, None) is None:
+                return False  # delivered on a connection that is gone: RabbitMQ gave it back
+            try:
+                self._write(frame)
+            except (Broken, OSError, ssl.SSLError):
+                # The consumer thread sees the connection fail; RabbitMQ redelivers.
+                logger.warning("could not settle %s: the connection is gone", proxy.message_id)
+        return True
+
+    # -- reading (the consumer thread) ----------------------------------------------
 
     def __next__(self) -> MessageProxy | None:
         self.owner, self.inside = threading.get_ident(), True
@@ -146,14 +246,13 @@ class RabbitmqConsumer(Consumer):
     def _next(self) -> MessageProxy | None:
         deadline = time.monotonic() + self.timeout
         while not self.closed:
-            if self.connection is None:
+            if self.sock is None:
                 if not self._reconnect(deadline):
                     return None
                 continue
             try:
-                self._apply_ops()
                 while self.buffer:
-                    proxy = self._proxy(*self.buffer.popleft())
+                    proxy = self._proxy(self.buffer.popleft())
                     if proxy is not None:
                         return proxy
                 if self.cancelled:
@@ -161,96 +260,185 @@ class RabbitmqConsumer(Consumer):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                self.woken = False
-                self.waiting = True
-                try:
-                    if not self.ops:
-                        self.connection.process_data_events(time_limit=remaining)
-                finally:
-                    self.waiting = False
+                self._read(min(remaining, self._beat()))
             except (Broken, *RECOVERABLE) as e:
                 self._lost(e)
         return None
 
-    def _reconnect(self, deadline: float) -> bool:
+    def _beat(self) -> float:
+        """Send a heartbeat when one is due; seconds until the next check."""
+        if not self.heartbeat:
+            return 3600.0
         now = time.monotonic()
-        if now < self.retry_at:
-            pause = min(self.retry_at, deadline) - now
-            if pause > 0:
-                time.sleep(pause)
-            if time.monotonic() < self.retry_at:
-                return False
+        if now - self.last_read > 2 * self.heartbeat:
+            raise Broken(f"no heartbeat from RabbitMQ for {now - self.last_read:.0f}s")
+        if now - self.last_write >= self.heartbeat / 2:
+            with self.lock:
+                self._write(_HEARTBEAT_FRAME)
+        return self.heartbeat / 2
+
+    def _read(self, timeout: float) -> None:
+        sock = self.sock
+        buffered = isinstance(sock, ssl.SSLSocket) and sock.pending()
+        if not buffered and not self.poller.poll(max(0, int(timeout * 1000 + 0.999))):
+            return
+        with self.lock:  # an SSL socket must not read while another thread writes
+            try:
+                data = sock.recv(262144)
+            except (TimeoutError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return
+        if not data:
+            raise Broken("RabbitMQ closed the connection")
+        self.last_read = time.monotonic()
+        self.rx += data
+        self._parse()
+
+    def _parse(self) -> None:
+        rx = self.rx
+        size = len(rx)
+        pos = 0
+        while size - pos >= 8:
+            kind, _, length = _UNPACK_FRAME(rx, pos)
+            end = pos + 7 + length
+            if end >= size:
+                break
+            if rx[end] != 0xCE:
+                raise Broken("a malformed frame from RabbitMQ")
+            start, pos = pos + 7, end + 1
+            incoming = self.incoming
+            if kind == 3 and incoming is not None:  # body
+                incoming.body += rx[start:end]
+                if len(incoming.body) >= incoming.size:
+                    self._delivered(incoming)
+            elif kind == 1:  # method
+                if _UNPACK_METHOD(rx, start)[0] == _DELIVER:
+                    self.incoming = self._deliver(rx, start + 4)
+                else:
+                    self._method(rx[start:end])
+            elif kind == 2 and incoming is not None:  # content header
+                self._header(incoming, rx, start, end)
+            # Heartbeats need nothing: reading them set last_read.
+        del rx[:pos]
+
+    def _deliver(self, rx: bytearray, offset: int) -> Delivery:
+        tag_length = rx[offset]
+        consumer_tag = rx[offset + 1 : offset + 1 + tag_length].decode()
+        tag, bits = _UNPACK_TAG(rx, offset + 1 + tag_length)
+        return Delivery(tag, bool(bits & 1), self.sources.get(consumer_tag, self.queue_name))
+
+    def _header(self, incoming: Delivery, rx: bytearray, start: int, end: int) -> None:
+        incoming.size, flags = _UNPACK_SIZE_FLAGS(rx, start + 4)
+        if flags == 0x1000:  # delivery mode only: what djqueue publishes
+            pass
+        elif flags == 0x1800:  # and a priority
+            incoming.priority = rx[start + 15]
+        else:
+            properties = spec.BasicProperties()
+            properties.decode(bytes(rx[start + 12 : end]))
+            incoming.priority = properties.priority or 0
+            incoming.headers = properties.headers
+        if incoming.size == 0:
+            self._delivered(incoming)
+
+    def _delivered(self, delivery: Delivery) -> None:
+        self.incoming = None
+        delivery.body = bytes(delivery.body)
+        with self.lock:
+            self.unsettled[delivery.tag] = delivery.source
+        self.buffer.append(delivery)
+
+    def _method(self, payload: bytes) -> None:
+        method = spec.methods[_UNPACK_METHOD(payload)[0]]()
+        method.decode(payload, 4)
+        self._handle_method(method)
+
+    def _handle_method(self, method: Any) -> None:
+        if self.awaiting is not None and isinstance(method, self.awaiting):
+            self.answer = method
+            if isinstance(method, spec.Basic.ConsumeOk):
+                # Known at once: deliveries may follow in the same read.
+                self.sources[method.consumer_tag] = self.consuming
+        elif isinstance(method, spec.Basic.Cancel):
+            self.cancelled = True
+        elif isinstance(method, spec.Connection.Close):
+            self._try_send(0, spec.Connection.CloseOk())
+            raise Broken(
+                f"RabbitMQ closed the connection: {method.reply_code} {method.reply_text}", method.reply_code
+            )
+        elif isinstance(method, spec.Channel.Close):
+            self._try_send(1, spec.Channel.CloseOk())
+            raise Broken(
+                f"RabbitMQ closed the channel: {method.reply_code} {method.reply_text}", method.reply_code
+            )
+
+    def _try_send(self, channel: int, method: Any) -> None:
         try:
-            self._connect()
-        except (ConnectionError, BrokerError) as e:
-            logger.warning("cannot consume %r yet, retrying in %.1fs: %s", self.queue_name, self.backoff, e)
-            self.retry_at = time.monotonic() + self.backoff
-            self.backoff = min(self.backoff * 2, 10.0)
-            return time.monotonic() < deadline
-        logger.info("consuming %r again", self.queue_name)
+            self._send_method(channel, method)
+        except (Broken, OSError):
+            pass
+
+    def _expect(self, kind: type, deadline: float) -> Any:
+        """Read until RabbitMQ answers with ``kind``; deliveries meanwhile are kept."""
+        self.awaiting, self.answer = kind, None
+        try:
+            while self.answer is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Broken(f"RabbitMQ did not answer with {kind.NAME} in time")
+                self._read(remaining)
+            return self.answer
+        finally:
+            self.awaiting = None
+
+    # -- turning deliveries into messages -------------------------------------------
+
+    def _proxy(self, delivery: Delivery) -> MessageProxy | None:
+        delivery_count = delivery.earlier + 1
+        if delivery.redelivered:
+            # Its last delivery ended unsettled (a process died, a connection dropped).
+            delivery_count += 1
+            if self._count_again(delivery, delivery_count - 1):
+                return None
+        proxy_tag = (self.generation, delivery.tag)
+        body = delivery.body
+        try:
+            message = Message.decode(body)
+        except DecodeError as e:
+            return MessageProxy.malformed(
+                body, e, self.queue_name, tag=proxy_tag, delivery_count=delivery_count
+            )
+        eta = message.eta
+        early = isinstance(eta, int | float) and eta - current_millis() > REDELAY_THRESHOLD
+        if early and self._redelay(message, delivery):
+            return None
+        return MessageProxy(message, data=body, tag=proxy_tag, delivery_count=delivery_count)
+
+    def _count_again(self, delivery: Delivery, deliveries: int) -> bool:
+        entry = self._entry(redelivered_queue(self.queue_name), delivery.body, delivery.priority, deliveries)
+        try:
+            self._publish([entry])
+        except (BrokerError, ValueError, TypeError) as e:
+            # Run it now, counted in memory only: better than holding up the queue.
+            logger.warning("could not send a redelivered message round (%s); running it", e)
+            return False
+        self._ack_tag(delivery.tag)
         return True
 
-    def _lost(self, error: BaseException) -> None:
-        logger.warning(
-            "lost the connection consuming %r (%r); its %d unacked message(s) go back to the queue",
-            self.queue_name,
-            error,
-            len(self.unsettled),
-        )
-        connection = self.connection
-        self.connection = self.channel = None
-        self.generation = 0
-        self.buffer.clear()
-        self.unsettled.clear()
-        self.retry_at = time.monotonic()
-        close_quietly(connection)
-
-    def _apply_ops(self) -> None:
-        acks = []
-        requeues: list[tuple[int, MessageProxy]] = []
-        ops, unsettled, channel = self.ops, self.unsettled, self.channel
-        while ops:
-            generation, kind, tag, proxy = ops.popleft()
-            if generation != self.generation or tag not in unsettled:
-                continue  # delivered on a connection that is gone: RabbitMQ gave it back
-            if kind is _ACK:
-                acks.append(tag)
-            elif kind is _REQUEUE:
-                requeues.append((tag, proxy))
-            else:
-                del unsettled[tag]
-                channel.basic_nack(tag, multiple=False, requeue=False)
-        if requeues:
-            self._give_back(requeues)
-        if acks:
-            self._ack(acks)
-
-    def _give_back(self, requeues: list[tuple[int, MessageProxy]]) -> None:
-        items = []
-        for tag, proxy in requeues:
-            message = proxy.message if proxy.decode_error is None else None
-            priority = message.priority if message is not None and isinstance(message.priority, int) else 0
-            items.append((tag, proxy.data or b"", priority, proxy.delivery_count - 1))
-        self._return(items)
-
-    def _return(self, items: list[tuple[int, bytes, Any, int]]) -> None:
-        """Give (tag, body, priority, earlier deliveries) back to the queues they came
-        from, uncounted: published again with the count they had, then acked. A
-        basic.nack with requeue would bring them back "redelivered", counted."""
-        if not items:
-            return
-        entries = [self._entry(self.unsettled[t], body, priority or 0, n) for t, body, priority, n in items]
+    def _redelay(self, message: Message, delivery: Delivery) -> bool:
+        # Only a delay longer than MAX_DELAY arrives early: send it round again.
         try:
-            self._publish(entries)
+            entry = self.broker._pending(self.queue_name, delivery.body, message.priority, message.eta)
+            self._publish([entry])
         except (BrokerError, ValueError, TypeError) as e:
-            logger.warning("could not give %d message(s) back uncounted (%s): requeueing", len(entries), e)
-            for tag, *_ in items:
-                del self.unsettled[tag]
-                self.channel.basic_nack(tag, multiple=False, requeue=True)
-            return
-        for tag, *_ in items:
-            del self.unsettled[tag]
-            self.channel.basic_ack(tag)
+            logger.warning("could not delay %s again (%s); running it early", message.message_id, e)
+            return False
+        self._ack_tag(delivery.tag)
+        return True
+
+    def _ack_tag(self, tag: int) -> None:
+        with self.lock:
+            if self.unsettled.pop(tag, None) is not None:
+                self._write(_ACK_HEAD + struct.pack(">QB", tag, 0) + b"\xce")
 
     def _entry(self, routing_key: str, body: bytes, priority: int, deliveries: int) -> Pending:
         priority = min(max(int(priority), 0), self.broker.max_priority)
@@ -262,111 +450,54 @@ class RabbitmqConsumer(Consumer):
         with publisher.lock:
             publisher.publish(entries, 1)  # confirmed before the original is acked
 
-    def _ack(self, acks: list[int]) -> None:
-        done = set(acks)
-        open_tags = [tag for tag in self.unsettled if tag not in done]
-        lowest_open = min(open_tags) if open_tags else None
-        # One multiple ack covers every tag below the first unfinished one, never beyond.
-        prefix = [tag for tag in done if lowest_open is None or tag < lowest_open]
-        if len(prefix) > 1:
-            self.channel.basic_ack(max(prefix), multiple=True)
-        elif prefix:
-            self.channel.basic_ack(prefix[0])
-        for tag in sorted(done.difference(prefix)):
-            self.channel.basic_ack(tag)
-        for tag in done:
-            del self.unsettled[tag]
-
-    def _proxy(self, tag: int, redelivered: bool, properties: Any, body: bytes) -> MessageProxy | None:
-        delivery_count = self._earlier(properties) + 1
-        if redelivered:
-            # Its last delivery ended unsettled (a process died, a connection dropped).
-            delivery_count += 1
-            if self._count_again(tag, properties, body, delivery_count - 1):
-                return None
-        proxy_tag = (self.generation, tag)
+    def _return(self, items: list[tuple[int, str, bytes, int, int]]) -> None:
+        """Give (tag, source queue, body, priority, earlier deliveries) back uncounted:
+        published again with the count they had, then acked. A basic.reject with requeue
+        would bring them back "redelivered", counted."""
+        if not items:
+            return
+        entries = [self._entry(source, body, priority, n) for _, source, body, priority, n in items]
         try:
-            message = Message.decode(body)
-        except DecodeError as e:
-            return MessageProxy.malformed(
-                body, e, self.queue_name, tag=proxy_tag, delivery_count=delivery_count
-            )
-        eta = message.eta
-        early = isinstance(eta, int | float) and eta - current_millis() > REDELAY_THRESHOLD
-        if early and self._redelay(message, body, tag):
-            return None
-        return MessageProxy(message, data=body, tag=proxy_tag, delivery_count=delivery_count)
-
-    @staticmethod
-    def _earlier(properties: Any) -> int:
-        earlier = (properties.headers or {}).get(DELIVERIES_HEADER, 0)
-        return earlier if isinstance(earlier, int) and earlier > 0 else 0
-
-    def _count_again(self, tag: int, properties: Any, body: bytes, deliveries: int) -> bool:
-        entry = self._entry(redelivered_queue(self.queue_name), body, properties.priority or 0, deliveries)
-        try:
-            self._publish([entry])
+            self._publish(entries)
         except (BrokerError, ValueError, TypeError) as e:
-            # Run it now, counted in memory only: better than holding up the queue.
-            logger.warning("could not send a redelivered message round (%s); running it", e)
-            return False
-        del self.unsettled[tag]
-        self.channel.basic_ack(tag)
-        return True
+            logger.warning("could not give %d message(s) back uncounted (%s): requeueing", len(entries), e)
+            with self.lock:
+                for tag, *_ in items:
+                    if self.unsettled.pop(tag, None) is not None:
+                        self._write(pika.frame.Method(1, spec.Basic.Reject(tag, requeue=True)).marshal())
+            return
+        for tag, *_ in items:
+            self._ack_tag(tag)
 
-    def _redelay(self, message: Message, body: bytes, tag: int) -> bool:
-        # Only a delay longer than MAX_DELAY arrives early: send it round again.
-        try:
-            entry = self.broker._pending(self.queue_name, body, message.priority, message.eta)
-            publisher = self.broker._publisher()
-            with publisher.lock:
-                publisher.publish([entry], 1)
-        except (BrokerError, ValueError, TypeError) as e:
-            logger.warning("could not delay %s again (%s); running it early", message.message_id, e)
-            return False
-        del self.unsettled[tag]
-        self.channel.basic_ack(tag)
-        return True
-
-    # -- any thread -----------------------------------------------------------------
-
-    def _settle(self, kind: str, proxy: MessageProxy) -> None:
-        generation, tag = proxy.tag
-        self.ops.append((generation, kind, tag, proxy))
-        if threading.get_ident() == self.owner and not self.inside:
-            # The consumer's own thread, between two next(): apply at once.
-            if self.connection is not None:
-                try:
-                    self._apply_ops()
-                except RECOVERABLE as e:
-                    self._lost(e)
-        elif self.waiting and not self.woken and (kind is not _ACK or self._ack_batch_ready()):
-            self.woken = True
-            connection = self.connection
-            if connection is not None:
-                try:
-                    connection.add_callback_threadsafe(_noop)
-                except Exception:
-                    pass  # closed: the consumer thread notices by itself
-
-    def _ack_batch_ready(self) -> bool:
-        # Waking the consumer thread costs more than the ack: gather a few, but never
-        # keep back the acks of everything it holds (nothing else would wake it).
-        pending = len(self.ops)
-        return pending >= self.ack_batch or pending >= len(self.unsettled)
+    # -- the contract's verbs (any thread) ------------------------------------------
 
     def ack(self, proxy: MessageProxy) -> None:
-        self.broker._flush_thread()
-        self._settle(_ACK, proxy)
+        self.broker._flush_thread()  # what the job enqueued is confirmed before its ack
+        self._settle(proxy, _ACK_HEAD + struct.pack(">QB", proxy.tag[1], 0) + b"\xce")
 
     def nack(self, proxy: MessageProxy) -> None:
         self.broker._flush_thread()
-        self._settle(_NACK, proxy)
+        reject = pika.frame.Method(1, spec.Basic.Reject(proxy.tag[1], requeue=False)).marshal()
+        self._settle(proxy, reject)  # RabbitMQ dead-letters it into q.DQ
 
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
         self.broker._flush_thread()
-        for proxy in proxies:
-            self._settle(_REQUEUE, proxy)
+        items = []
+        with self.lock:
+            for proxy in proxies:
+                generation, tag = proxy.tag
+                source = self.unsettled.get(tag) if generation == self.generation else None
+                if source is None:
+                    continue  # its connection is gone: RabbitMQ gave it back
+                message = proxy.message if proxy.decode_error is None else None
+                priority = (
+                    message.priority if message is not None and isinstance(message.priority, int) else 0
+                )
+                items.append((tag, source, proxy.data or b"", priority, proxy.delivery_count - 1))
+        try:
+            self._return(items)
+        except (Broken, *RECOVERABLE) as e:
+            logger.warning("could not give %d message(s) back (%s): RabbitMQ will", len(items), e)
 
     def close(self) -> None:
         if self.closed:
@@ -374,36 +505,36 @@ class RabbitmqConsumer(Consumer):
         self.closed = True
         with self.broker._consumers_lock:
             self.broker._consumers.discard(self)
-        connection, channel = self.connection, self.channel
-        if connection is None:
+        if self.sock is None:
             return
         try:
-            # Stop RabbitMQ sending more: a channel-wide prefetch no higher than what we
-            # hold (frames arrive in order, so all it sent before is here once the
-            # qos-ok is), then take that in. Cancelling would give back, counted, what
-            # was still on its way. Then settle: what was given back or never handed out
-            # returns uncounted; what was handed out and not settled returns counted
-            # when the connection closes, as if this process had died.
-            channel.basic_qos(prefetch_count=max(1, len(self.unsettled)), global_qos=True)
-            connection.process_data_events(0)
-            for consumer_tag in self.consumer_tags:
-                channel.basic_cancel(consumer_tag)
-            self._apply_ops()
+            # Stop the deliveries; those still on their way are kept until the cancel-ok.
+            # Then what arrived and was never handed out goes back uncounted; what was
+            # handed out and not settled goes back counted when the connection closes,
+            # as if this process had died.
+            deadline = time.monotonic() + 5
+            for consumer_tag in list(self.sources):
+                self._send_method(1, spec.Basic.Cancel(consumer_tag))
+                self._expect(spec.Basic.CancelOk, deadline)
             unread = [
-                (tag, body, properties.priority, self._earlier(properties))
-                for tag, redelivered, properties, body in self.buffer
-                if not redelivered and tag in self.unsettled
+                (d.tag, d.source, d.body, d.priority, d.earlier)
+                for d in self.buffer
+                if not d.redelivered and d.tag in self.unsettled
             ]
             self.buffer.clear()
             self._return(unread)
-        except (BrokerError, *RECOVERABLE):
+            self._send_method(
+                0, spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+            )
+            self._expect(spec.Connection.CloseOk, time.monotonic() + 1)
+        except (Broken, BrokerError, *RECOVERABLE):
             pass
         finally:
-            self.connection = self.channel = None
-            self.generation = 0
+            with self.lock:
+                self.generation = 0
+                self.unsettled.clear()
+                self._close_socket()
             self.buffer.clear()
-            self.unsettled.clear()
-            close_quietly(connection)
 
 
 def close_quietly(connection: Any) -> None:

@@ -110,7 +110,95 @@ def publish_frames(
     return b"".join(parts)
 
 
-class Publisher:
+class AmqpClient:
+    """A connection of the broker's own AMQP 0-9-1 clients (publisher, consumer): finds a
+    node that answers and opens the connection and channel 1; subclasses read frames
+    (``_expect``) and set the channel up (``_setup_channel``)."""
+
+    broker: RabbitmqBroker
+    connection_name: str
+    sock: Any
+    poller: Any
+    frame_max: int
+    heartbeat = 0  # seconds: none unless a subclass asks
+
+    def _connect(self, deadline: float) -> None:
+        errors = []
+        for params in self.broker._parameters(self.connection_name):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._open(params, min(remaining, params.socket_timeout or 10.0))
+                self.broker._worked(params)
+                return
+            except (Broken, *RECOVERABLE) as e:
+                self._close_socket()
+                if isinstance(e, Broken) and e.code in (*FATAL_CODES, 404):
+                    raise  # wrong credentials or vhost, no such queue: the other nodes say the same
+                errors.append(f"{params.host}:{params.port}: {e}")
+        raise Broken("; ".join(errors) or "no time left to connect")
+
+    def _open(self, params: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        sock = socket.create_connection((params.host, params.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if params.ssl_options is not None:
+            options = params.ssl_options
+            sock = options.context.wrap_socket(sock, server_hostname=options.server_hostname or params.host)
+        self.sock = sock
+        self._opened(sock)
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        sock.sendall(pika.frame.ProtocolHeader().marshal())
+        start = self._expect(spec.Connection.Start, deadline)
+        mechanism, response = params.credentials.response_for(start)
+        if mechanism is None:
+            raise Broken(f"RabbitMQ offers no authentication mechanism this URL can use: {start.mechanisms}")
+        capabilities = {
+            "publisher_confirms": True,
+            "basic.nack": True,
+            "consumer_cancel_notify": True,
+            "connection.blocked": True,
+            "authentication_failure_close": True,
+        }
+        properties = {**params.client_properties, "capabilities": capabilities, "platform": "Python"}
+        self._send_method(0, spec.Connection.StartOk(properties, mechanism, response, params.locale))
+        tune = self._expect(spec.Connection.Tune, deadline)
+        self.frame_max = min(x for x in (params.frame_max, tune.frame_max, 131072) if x)
+        channel_max = min(x for x in (params.channel_max, tune.channel_max, 2047) if x)
+        if self.heartbeat:
+            wanted = params.heartbeat if params.heartbeat is not None else tune.heartbeat
+            self.heartbeat = min(x for x in (wanted, 60) if x) if wanted else 0
+        self._send_method(0, spec.Connection.TuneOk(channel_max, self.frame_max, self.heartbeat))
+        self._send_method(0, spec.Connection.Open(params.virtual_host))
+        self._expect(spec.Connection.OpenOk, deadline)
+        self._send_method(1, spec.Channel.Open())
+        self._expect(spec.Channel.OpenOk, deadline)
+        self._setup_channel(deadline)
+
+    def _opened(self, sock: Any) -> None:
+        """A new socket: forget what the old one had."""
+
+    def _setup_channel(self, deadline: float) -> None:
+        """Channel 1 is open."""
+
+    def _expect(self, kind: type, deadline: float) -> Any:
+        raise NotImplementedError
+
+    def _send_method(self, channel: int, method: Any) -> None:
+        self.sock.sendall(pika.frame.Method(channel, method).marshal())
+
+    def _close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class Publisher(AmqpClient):
     """One thread's publishing connection: a minimal AMQP 0-9-1 client on pika's codec.
 
     ``publish`` writes and returns once fewer than ``limit`` messages are unconfirmed
@@ -118,6 +206,10 @@ class Publisher:
     when the old one fails. Only the owning thread uses it, except the sweeper and flush,
     which hold ``lock``.
     """
+
+    # No heartbeats: an idle publisher is not closed, and a dead one shows when a confirm
+    # does not come (confirm_timeout).
+    heartbeat = 0
 
     def __init__(self, broker: RabbitmqBroker) -> None:
         self.broker = broker
@@ -181,7 +273,9 @@ class Publisher:
     def close(self) -> None:
         if self.sock is not None and self.pid == os.getpid():
             try:
-                self._send_method(0, spec.Connection.Close(reply_code=200, reply_text="bye"))
+                self._send_method(
+                    0, spec.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0)
+                )
                 self._expect(spec.Connection.CloseOk, time.monotonic() + 1)
             except Exception:
                 pass
@@ -305,72 +399,19 @@ class Publisher:
         self.unconfirmed_bytes = 0
 
     def _close_socket(self) -> None:
-        sock, self.sock, self.rx, self.returning = self.sock, None, b"", None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        self.rx, self.returning = b"", None
+        super()._close_socket()
 
     # -- connecting -----------------------------------------------------------------
 
-    def _connect(self, deadline: float) -> None:
-        errors = []
-        for params in self.broker._parameters(self.connection_name):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                self._open(params, min(remaining, params.socket_timeout or 10.0))
-                self.broker._worked(params)
-                return
-            except (Broken, *RECOVERABLE) as e:
-                self._close_socket()
-                if isinstance(e, Broken) and e.code in FATAL_CODES:
-                    raise  # wrong credentials or vhost: the other nodes say the same
-                errors.append(f"{params.host}:{params.port}: {e}")
-        raise Broken("; ".join(errors) or "no time left to connect")
+    def _opened(self, sock: Any) -> None:
+        self.rx, self.next_tag, self.blocked = b"", 1, None
 
-    def _open(self, params: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        sock = socket.create_connection((params.host, params.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if params.ssl_options is not None:
-            options = params.ssl_options
-            sock = options.context.wrap_socket(sock, server_hostname=options.server_hostname or params.host)
-        self.sock, self.rx, self.next_tag, self.blocked = sock, b"", 1, None
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
-        sock.sendall(pika.frame.ProtocolHeader().marshal())
-        start = self._expect(spec.Connection.Start, deadline)
-        mechanism, response = params.credentials.response_for(start)
-        if mechanism is None:
-            raise Broken(f"RabbitMQ offers no authentication mechanism this URL can use: {start.mechanisms}")
-        capabilities = {
-            "publisher_confirms": True,
-            "basic.nack": True,
-            "connection.blocked": True,
-            "authentication_failure_close": True,
-        }
-        properties = {**params.client_properties, "capabilities": capabilities, "platform": "Python"}
-        self._send_method(0, spec.Connection.StartOk(properties, mechanism, response, params.locale))
-        tune = self._expect(spec.Connection.Tune, deadline)
-        self.frame_max = min(x for x in (params.frame_max, tune.frame_max, 131072) if x)
-        channel_max = min(x for x in (params.channel_max, tune.channel_max, 2047) if x)
-        # No heartbeats: an idle publisher is not closed, and a dead one shows when a
-        # confirm does not come (confirm_timeout).
-        self._send_method(0, spec.Connection.TuneOk(channel_max, self.frame_max, 0))
-        self._send_method(0, spec.Connection.Open(params.virtual_host))
-        self._expect(spec.Connection.OpenOk, deadline)
-        self._send_method(1, spec.Channel.Open())
-        self._expect(spec.Channel.OpenOk, deadline)
+    def _setup_channel(self, deadline: float) -> None:
         if self.broker.confirm_delivery:
             self._send_method(1, spec.Confirm.Select())
             self._expect(spec.Confirm.SelectOk, deadline)
-        sock.settimeout(self.broker.confirm_timeout / 1000)
-
-    def _send_method(self, channel: int, method: Any) -> None:
-        self.sock.sendall(pika.frame.Method(channel, method).marshal())
+        self.sock.settimeout(self.broker.confirm_timeout / 1000)
 
     def _expect(self, kind: type, deadline: float) -> Any:
         while True:

@@ -16,7 +16,8 @@ from tests.process import delete_rabbitmq_queues
 
 REDIS_URL = os.environ.get("DJQUEUE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ_URL = os.environ.get("DJQUEUE_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-QUEUE_PREFIX = "ct_"
+# Per test session: its clean-up deletes only its own queues, not a concurrent session's.
+QUEUE_PREFIX = f"ct{os.getpid()}_"
 
 
 @dataclass
