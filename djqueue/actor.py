@@ -7,6 +7,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from django.core.exceptions import ImproperlyConfigured
+
 from . import conf
 from .brokers.base import validate_queue_name
 from .errors import ConfigurationError
@@ -22,6 +24,8 @@ R = TypeVar("R")
 CORE_OPTIONS = frozenset({"priority", "queue_name", "actor_name", "broker"})
 # Options that may be given per message but not per actor.
 MESSAGE_ONLY_OPTIONS = frozenset({"unique_key", "unique_ttl", "pipe_ignore", "pipe_target"})
+# Every message option no middleware declares ("eta" and "retries" are set by djqueue).
+_OTHER_MESSAGE_OPTIONS = CORE_OPTIONS | MESSAGE_ONLY_OPTIONS | {"eta", "retries"}
 
 
 class Actor(Generic[P, R]):
@@ -71,23 +75,25 @@ class Actor(Generic[P, R]):
     def message_with_options(
         self, *, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
     ) -> Message:
-        unknown = set(options) - self.broker.actor_options - CORE_OPTIONS - MESSAGE_ONLY_OPTIONS
-        unknown -= {"eta", "retries"}
-        if unknown:
-            raise ConfigurationError(
-                f"unknown message option(s) {', '.join(sorted(unknown))} for actor {self.actor_name}"
-            )
-        queue_name = options.pop("queue_name", self.queue_name)
-        if queue_name != self.queue_name:
-            validate_queue_name(queue_name)
-        priority = options.pop("priority", self.priority)
+        queue_name = self.queue_name
+        priority = self.priority
+        if options:  # most sends have none: skip the checks
+            unknown = options.keys() - self.broker.actor_options - _OTHER_MESSAGE_OPTIONS
+            if unknown:
+                raise ConfigurationError(
+                    f"unknown message option(s) {', '.join(sorted(unknown))} for actor {self.actor_name}"
+                )
+            queue_name = options.pop("queue_name", queue_name)
+            if queue_name != self.queue_name:
+                validate_queue_name(queue_name)
+            priority = options.pop("priority", priority)
         if priority:
             options["priority"] = int(priority)
         return Message(
             queue_name=queue_name,
             actor_name=self.actor_name,
             args=tuple(args),
-            kwargs=dict(kwargs or {}),
+            kwargs=dict(kwargs) if kwargs else {},
             options=options,
         )
 
@@ -241,10 +247,11 @@ def actor(
 
 
 def _enqueue_on_commit() -> bool:
-    from django.conf import settings
-
-    # Brokers may be used before (or without) Django settings; then there is no transaction.
-    return settings.configured and bool(conf.get("ENQUEUE_ON_COMMIT"))
+    try:
+        return bool(conf.get_cached("ENQUEUE_ON_COMMIT"))
+    except ImproperlyConfigured:
+        # Brokers may be used before (or without) Django settings; then there is no transaction.
+        return False
 
 
 def _origin(fn: Callable[..., Any]) -> str:

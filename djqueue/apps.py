@@ -18,10 +18,14 @@ class DjqueueConfig(AppConfig):
     startup_error: Exception | None = None
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import checks, conf  # noqa: F401 - registers the system checks
         from .brokers import get_broker
         from .errors import ConfigurationError
-        from .scheduling import checks as scheduling_checks  # noqa: F401 - the crontab checks
+
+        if conf.get("CRONTABS"):
+            # Registers the crontab checks. Only then: they import croniter and dateutil,
+            # about 1 MB in every process, and without crontabs there is nothing to check.
+            from .scheduling import checks as scheduling_checks  # noqa: F401
 
         try:
             get_broker()

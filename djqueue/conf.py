@@ -11,6 +11,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 if TYPE_CHECKING:
     from .brokers.base import Broker
@@ -46,6 +47,30 @@ def get(name: str) -> Any:
     if name == "BROKER_URL" and not value:
         value = os.environ.get("DJQUEUE_BROKER_URL") or DEFAULT_BROKER_URL
     return value
+
+
+_cache: dict[str, Any] = {}
+
+
+def get_cached(name: str) -> Any:
+    """``get(name)``, read from the settings once: for values read on every send.
+
+    The cache is emptied when ``settings.DJQUEUE`` changes through ``override_settings``
+    (the ``setting_changed`` signal); settings changed by other means are not seen.
+    """
+    try:
+        return _cache[name]
+    except KeyError:
+        value = _cache[name] = get(name)
+        return value
+
+
+def _clear_cache(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DJQUEUE":
+        _cache.clear()
+
+
+setting_changed.connect(_clear_cache, dispatch_uid="djqueue.conf.clear_cache")
 
 
 def build_middleware() -> list[Any] | None:

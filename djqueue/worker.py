@@ -123,6 +123,10 @@ class Worker:
 
     def process_message(self, consumer_thread: _ConsumerThread, proxy: MessageProxy) -> None:
         broker = self.broker
+        # The broker's lists of overridden hooks, looked up per message (middleware may be
+        # added at any time); calling them here rather than through emit_before/emit_after
+        # saves a few microseconds per message on the hottest path.
+        hooks = broker._hooks
         actor = None
         try:
             if proxy.data is not None and len(proxy.data) > broker.max_message_size:
@@ -141,11 +145,12 @@ class Worker:
                         "is registered in this worker"
                     )
                 else:
-                    broker.emit_before("process_message", proxy)
+                    for hook in hooks["before_process_message"]:
+                        hook(broker, proxy)
                     message = proxy.message
                     result = actor(*message.args, **message.kwargs)
                     proxy.result = result
-                    broker.emit_after("process_message", proxy, result=result)
+                    _emit_after(broker, hooks["after_process_message"], proxy, result=result)
         except SkipMessage:
             broker.emit_after("skip_message", proxy)
         except BaseException as e:
@@ -170,12 +175,23 @@ class Worker:
             _safe(consumer.nack, proxy)
             broker.emit_after("nack", proxy)
         else:
+            hooks = broker._hooks
             try:
-                broker.emit_before("ack", proxy)
+                for hook in hooks["before_ack"]:
+                    hook(broker, proxy)
             except Exception:
                 logger.exception("before_ack failed for %s", proxy.message_id)
             _safe(consumer.ack, proxy)
-            broker.emit_after("ack", proxy)
+            _emit_after(broker, hooks["after_ack"], proxy)
+
+
+def _emit_after(broker: Broker, hooks: list[Any], proxy: MessageProxy, **kwargs: Any) -> None:
+    # Broker.emit_after for one of its hook lists: reverse order, a failure only logged.
+    for hook in reversed(hooks):
+        try:
+            hook(broker, proxy, **kwargs)
+        except Exception:
+            logger.exception("middleware hook %s failed", getattr(hook, "__qualname__", hook))
 
 
 def _safe(fn: Any, arg: Any) -> None:

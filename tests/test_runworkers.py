@@ -3,16 +3,19 @@ database broker (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from django.db import connections, transaction
 
 from djqueue.brokers import broker_from_url
+from djqueue.message import Message
 from djqueue.models import DeadLetter
-from tests.process import read_records, wait_for
+from tests.process import ROOT, read_records, wait_for
 from tests.testapp.tasks import always_fail, flaky, record, slow_record
 
 pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
@@ -76,8 +79,6 @@ def test_sigkilled_worker_loses_no_message_and_is_restarted(broker, broker_url, 
     sent = {send(broker, slow_record, n, 0.3, queue=queue).message_id for n in range(40)}
     wait_for(lambda: len(read_records(record_dir)) >= 4, message="first jobs done")
     victim = children[0]
-    import os
-
     os.kill(victim, signal.SIGKILL)
     # The supervisor replaces the dead process.
     wait_for(lambda: victim not in w.children() and len(w.children()) == 2, message="a restarted worker")
@@ -178,4 +179,78 @@ def test_watch_restarts_workers_when_code_changes(broker_url, queue, tmp_path, r
     message = send(broker, record, "after reload", queue=queue)
     wait_for(lambda: message.message_id in ids_seen(record_dir), message="work after the reload")
     assert "code changed: restarting worker processes" in w.output()
+    assert w.stop() == 0
+
+
+PROBE_TASKS = """
+from djqueue import actor
+from tests.testapp.tasks import _record
+
+VERSION = {version!r}
+
+
+@actor(actor_name="reload_probe")
+def reload_probe():
+    _record("version " + VERSION)
+"""
+
+
+def _probe_project(tmp_path):
+    """A settings module adding an app whose actor records its module's VERSION."""
+    code = tmp_path / "code"
+    (code / "reload_app").mkdir(parents=True)
+    (code / "reload_app" / "__init__.py").write_text("")
+    (code / "reload_app" / "tasks.py").write_text(PROBE_TASKS.format(version="one"))
+    (code / "reload_settings.py").write_text(
+        "from tests.settings import *  # noqa: F403\n\n"
+        "INSTALLED_APPS = [*INSTALLED_APPS, 'reload_app']  # noqa: F405\n"
+    )
+    env = {"DJANGO_SETTINGS_MODULE": "reload_settings", "PYTHONPATH": f"{code}:{ROOT}"}
+    return code, env
+
+
+def _probe(broker, queue, record_dir, version):
+    message = broker.enqueue(
+        Message(queue_name=queue, actor_name="reload_probe", args=(), kwargs={}, options={})
+    )
+    wait_for(
+        lambda: (
+            (message.message_id, f"version {version}") in {(m, v) for m, _, v in read_records(record_dir)}
+        ),
+        message=f"the probe to run version {version}",
+    )
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])  # the same on every database
+@pytest.mark.parametrize("trigger", ["sighup", "watch"])
+def test_restarted_workers_run_the_new_code(
+    broker, broker_url, queue, tmp_path, record_dir, workers, trigger
+):
+    code, env = _probe_project(tmp_path)
+    watch = ["--watch", str(code)] if trigger == "watch" else []
+    w = workers(broker_url, "--processes", "1", "--threads", "1", "--queues", queue, *watch, env=env)
+    before = w.wait_children(1)
+    _probe(broker, queue, record_dir, "one")
+    # A different length too: a .pyc is reused when its source's size and mtime second match.
+    (code / "reload_app" / "tasks.py").write_text(PROBE_TASKS.format(version="two (edited)"))
+    if trigger == "sighup":
+        w.signal(signal.SIGHUP)
+    wait_for(lambda: (c := w.children()) and c != before and len(c) == 1, message="a restarted worker")
+    _probe(broker, queue, record_dir, "two (edited)")
+    # A worker that dies now is replaced by one running the new code too.
+    (victim,) = w.children()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: (c := w.children()) and victim not in c and len(c) == 1, message="a replaced worker")
+    _probe(broker, queue, record_dir, "two (edited)")
+    assert w.stop() == 0
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_worker_processes_are_forked_from_the_set_up_supervisor(broker_url, queue, workers):
+    w = workers(broker_url, "--processes", "2", "--threads", "1", "--queues", queue)
+    children = w.wait_children(2)
+    wait_for(lambda: w.output().count("started (pid") == 2, message="two worker processes consuming")
+    supervisor = Path(f"/proc/{w.pid}/cmdline").read_bytes()
+    # A forked process keeps its parent's command line; a spawned one runs spawn_main.
+    assert all(Path(f"/proc/{pid}/cmdline").read_bytes() == supervisor for pid in children)
     assert w.stop() == 0

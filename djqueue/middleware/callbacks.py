@@ -43,20 +43,21 @@ class Callbacks(Middleware):
     ) -> None:
         if exception is not None or message.failed:
             return
-        callback = _option(broker, message, "on_success")
+        msg = message.message
+        callback = _option(broker, msg, "on_success")
         if callback:
             _send(broker, callback, message, result)
-        if message.options.get("group_id"):
+        if msg.options.get("group_id"):
             complete_group_member(broker, message)
 
     def after_nack(self, broker: Any, message: Any) -> None:
-        callback = _option(broker, message, "on_failure")
+        callback = _option(broker, message.message, "on_failure")
         if callback:
             exception_type, exception_message = exception_fields(message)
             _send(broker, callback, message, {"type": exception_type, "message": exception_message})
 
 
-def _option(broker: Any, message: Any, name: str) -> str | None:
+def _option(broker: Any, message: Message, name: str) -> str | None:
     value = message.options.get(name)
     if value is None:
         actor = broker.actors.get(message.actor_name)

@@ -32,7 +32,7 @@ class MaxDeliveries(Middleware):
         self.max_deliveries = max_deliveries
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        actor = broker.actors[message.actor_name]
+        actor = broker.actors[message.message.actor_name]
         limit = actor.options.get("max_deliveries") or self.max_deliveries
         if message.delivery_count > limit:
             message.fail(

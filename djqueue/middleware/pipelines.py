@@ -20,7 +20,7 @@ class Pipelines(Middleware):
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        target = message.options.get("pipe_target")
+        target = message.message.options.get("pipe_target")
         if not target or exception is not None or message.failed:
             return
         next_message = Message.from_dict(target)

@@ -126,7 +126,7 @@ class Prometheus(Middleware):
         self._retries_enabled = broker.get_middleware(Retries) is not None
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        children = self.children(message.queue_name, message.actor_name)
+        children = self.children(message.message.queue_name, message.message.actor_name)
         children.total.inc()
         children.inprogress.inc()
         # A worker thread runs one message at a time, from this hook to its after_ hook.
@@ -135,7 +135,7 @@ class Prometheus(Middleware):
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
-        children = self.children(message.queue_name, message.actor_name)
+        children = self.children(message.message.queue_name, message.message.actor_name)
         children.inprogress.dec()
         started = getattr(self._local, "started", None)
         if started is not None:
@@ -147,7 +147,7 @@ class Prometheus(Middleware):
                 children.retries.inc()
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
-        self.children(message.queue_name, message.actor_name).inprogress.dec()
+        self.children(message.message.queue_name, message.message.actor_name).inprogress.dec()
 
     def after_nack(self, broker: Any, message: Any) -> None:
-        self.children(message.queue_name, message.actor_name).dead_letters.inc()
+        self.children(message.message.queue_name, message.message.actor_name).dead_letters.inc()

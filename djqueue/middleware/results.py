@@ -33,7 +33,7 @@ class Results(Middleware):
     ) -> None:
         if exception is not None or message.failed:
             return
-        store, ttl = _wanted(broker, message)
+        store, ttl = _wanted(broker, message.message)
         if not store:
             return
         from ..results import get_result_backend
@@ -48,7 +48,7 @@ class Results(Middleware):
         backend.store_result(message, result, ttl=ttl)
 
     def after_nack(self, broker: Any, message: Any) -> None:
-        store, ttl = _wanted(broker, message)
+        store, ttl = _wanted(broker, message.message)
         if not store and not message.options.get("pipe_target"):
             return
         exception_type, exception_message = exception_fields(message)
@@ -59,15 +59,17 @@ class Results(Middleware):
         fail_rest_of_pipeline(broker, message.options.get("pipe_target"), exception_type, exception_message)
 
 
-def _wanted(broker: Any, message: Any) -> tuple[bool, int | None]:
+def _wanted(broker: Any, message: Message) -> tuple[bool, int | None]:
     """(whether to store the message's result, its TTL in ms or None for the default)."""
+    options = message.options
     actor = broker.actors.get(message.actor_name)
     actor_options = actor.options if actor is not None else {}
-    store = message.options.get("store_results")
+    store = options.get("store_results")
     if store is None:
         store = actor_options.get("store_results", False)
-    ttl = message.options.get("result_ttl") or actor_options.get("result_ttl")
-    return bool(store), ttl
+    if not store:
+        return False, None
+    return True, options.get("result_ttl") or actor_options.get("result_ttl")
 
 
 def fail_rest_of_pipeline(

@@ -26,7 +26,7 @@ class ShutdownNotifications(Middleware):
         self._lock = threading.Lock()
 
     def _wants(self, broker: Any, message: Any) -> bool:
-        actor = broker.actors.get(message.actor_name)
+        actor = broker.actors.get(message.message.actor_name)
         value = actor.options.get("notify_shutdown") if actor is not None else None
         return self.notify_shutdown if value is None else bool(value)
 
@@ -36,8 +36,12 @@ class ShutdownNotifications(Middleware):
                 self._running[threading.get_ident()] = message
 
     def after_process_message(self, broker: Any, message: Any, **kwargs: Any) -> None:
-        with self._lock:
-            self._running.pop(threading.get_ident(), None)
+        thread_id = threading.get_ident()
+        # Only this thread adds its own entry, so a look without the lock is enough to
+        # skip the lock for the (many) messages that did not opt in.
+        if thread_id in self._running:
+            with self._lock:
+                self._running.pop(thread_id, None)
 
     after_skip_message = after_process_message  # type: ignore[assignment]
 

@@ -37,7 +37,7 @@ class TimeLimit(Middleware):
         self.time_limit = time_limit
         self._deadlines: dict[int, tuple[float, str]] = {}  # thread id -> (deadline, message id)
         self._heap: list[tuple[float, int, str]] = []
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         # When the monitor wakes next (None: not until notified). New deadlines are
         # almost always later than it, so most messages need not wake the monitor.
@@ -51,13 +51,15 @@ class TimeLimit(Middleware):
         return self.time_limit if value is None else value
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        limit = self._limit_for(broker, message)
+        msg = message.message  # read the fields directly, not through the proxy
+        limit = self._limit_for(broker, msg)
         if not limit:
             return
         deadline = time.monotonic() + limit / 1000
         thread_id = threading.get_ident()
+        message_id = msg.message_id
         with self._cond:
-            self._deadlines[thread_id] = (deadline, message.message_id)
+            self._deadlines[thread_id] = (deadline, message_id)
             heap = self._heap
             # Entries of finished messages stay in the heap until they are due; drop
             # them when the heap is mostly stale, so it stays small (amortized O(1)).
@@ -65,7 +67,7 @@ class TimeLimit(Middleware):
                 live = self._deadlines
                 heap = self._heap = [(d, t, m) for d, t, m in heap if live.get(t) == (d, m)]
                 heapq.heapify(heap)
-            heapq.heappush(heap, (deadline, thread_id, message.message_id))
+            heapq.heappush(heap, (deadline, thread_id, message_id))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._monitor, name="djqueue-time-limit", daemon=True)
                 self._thread.start()

@@ -104,17 +104,22 @@ class UniqueJobs(Middleware):
             self._local.requeued = True
 
     def before_process_message(self, broker: Broker, message: Any) -> None:
-        if "unique_key" in message.options:
-            self._local.running = message.message_id
+        msg = message.message
+        if "unique_key" in msg.options:
+            self._local.running = msg.message_id
             self._local.requeued = False
 
     def after_ack(self, broker: Broker, message: Any) -> None:
+        msg = message.message
         local = self._local
-        requeued = getattr(local, "running", None) == message.message_id and local.requeued
-        local.running = None
-        if requeued or message.decode_error is not None or "unique_key" not in message.options:
+        running = getattr(local, "running", None)
+        if running is not None:
+            local.running = None
+            if running == msg.message_id and local.requeued:
+                return  # Retries enqueued it again, with the same id: it keeps the key
+        if message.decode_error is not None or "unique_key" not in msg.options:
             return
-        self.release(message)
+        self.release(msg)
 
     after_nack = after_ack  # type: ignore[assignment]
 
