@@ -163,6 +163,7 @@ def enqueue_and_drain(
         f"drain_{processes}x{config.threads}": n / (done - group.started_at),
         f"drain_{processes}x{config.threads}_steady": n / max(done - first, 1e-6),
         f"rss_{processes}x{config.threads}": group.max_process_rss_mib(),
+        f"pss_{processes}x{config.threads}": group.max_process_pss_mib(),
         f"duplicates_{processes}x{config.threads}": processed - n,
     }
 

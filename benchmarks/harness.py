@@ -1,7 +1,11 @@
 """Process plumbing for the benchmarks: worker process trees, peak RSS, counters, stats.
 
 Linux only: process trees and peak RSS are read from /proc (``VmHWM``, the kernel's own
-high-water mark of a process's resident set), so no sampling can miss a peak.
+high-water mark of a process's resident set), so no sampling can miss a peak. A worker
+process is a process of the group with no children (a supervisor or master process that
+only starts workers is not one). Beside RSS, the PSS (``/proc/<pid>/smaps_rollup``: the
+pages a process has alone, plus its share of those it shares with its parent or
+siblings) is sampled: what one more worker process really costs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,24 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pss_kib(pid: int) -> int:
+    """The proportional set size of one process now, in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class WorkerGroup:
     """The worker processes of one system for one cell, started together."""
@@ -61,6 +83,8 @@ class WorkerGroup:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     started_at: float = 0.0
     peak_rss: dict[int, int] = field(default_factory=dict)
+    peak_pss: dict[int, int] = field(default_factory=dict)
+    parents: set[int] = field(default_factory=set)  # pids seen with children
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,10 +106,18 @@ class WorkerGroup:
     def sample_rss(self) -> None:
         """Record each process's high-water mark; call now and then, and before stop()."""
         for proc in self.procs:
-            for pid in [proc.pid, *descendants(proc.pid)]:
+            tree = [proc.pid, *descendants(proc.pid)]
+            for pid in tree[1:]:
+                parent = parent_pid(pid)
+                if parent:
+                    self.parents.add(parent)
+            for pid in tree:
                 rss = peak_rss_kib(pid)
                 if rss:
                     self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), rss)
+                pss = pss_kib(pid)
+                if pss:
+                    self.peak_pss[pid] = max(self.peak_pss.get(pid, 0), pss)
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -108,8 +140,16 @@ class WorkerGroup:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
 
+    def _workers(self, sampled: dict[int, int]) -> list[int]:
+        return [kib for pid, kib in sampled.items() if pid not in self.parents] or list(sampled.values())
+
     def max_process_rss_mib(self) -> float:
-        return max(self.peak_rss.values(), default=0) / 1024
+        """The highest peak RSS among the worker processes."""
+        return max(self._workers(self.peak_rss), default=0) / 1024
+
+    def max_process_pss_mib(self) -> float:
+        """The highest PSS sampled among the worker processes."""
+        return max(self._workers(self.peak_pss), default=0) / 1024
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

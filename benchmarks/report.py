@@ -21,6 +21,8 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "latency_p99": ("latency to idle worker, p99", "ms", False),
     "rss_1x8": ("peak RSS of one worker process, 1 x 8", "MiB", False),
     "rss_2x8": ("peak RSS of one worker process, 2 x 8", "MiB", False),
+    "pss_1x8": ("PSS of one worker process (its own memory), 1 x 8", "MiB", False),
+    "pss_2x8": ("PSS of one worker process (its own memory), 2 x 8", "MiB", False),
 }
 SYSTEM_ORDER = ("djqueue", "dramatiq", "celery", "django-tasks")
 BROKER_ORDER = ("redis", "rabbitmq", "postgres", "sqlite")
@@ -157,6 +159,15 @@ def targets(values: Table) -> list[tuple[str, float | None, str, bool | None]]:
             out.append(
                 (f"worker peak RSS, {broker}, 1 x 8", mine, f"{mine:.0f} vs {theirs:.0f} MiB", mine <= theirs)
             )
+    for broker in ("redis", "rabbitmq"):
+        # Not a target of its own: what one more worker process costs, beside its RSS.
+        mine, theirs = (
+            median(values, broker, "djqueue", "pss_1x8"),
+            median(values, broker, "dramatiq", "pss_1x8"),
+        )
+        if mine and theirs:
+            shown = f"{mine:.0f} vs {theirs:.0f} MiB (context for the RSS row)"
+            out.append((f"worker PSS, {broker}, 1 x 8", mine, shown, mine <= theirs))
     return out
 
 
