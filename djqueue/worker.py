@@ -53,13 +53,13 @@ class Worker:
         queue_names = self.queues or self.broker.get_declared_queues()
         for queue_name in sorted(queue_names):
             self.broker.declare_queue(queue_name)
-            thread = _ConsumerThread(self, queue_name)
-            thread.start()
-            self.consumers[queue_name] = thread
+            consumer = _ConsumerThread(self, queue_name)
+            consumer.start()
+            self.consumers[queue_name] = consumer
         for _ in range(self.worker_threads):
-            thread = _WorkerThread(self)
-            thread.start()
-            self.workers.append(thread)
+            worker = _WorkerThread(self)
+            worker.start()
+            self.workers.append(worker)
         self.broker.emit_after("worker_boot", self)
 
     def stop(self, timeout: int = 30_000) -> None:

@@ -347,7 +347,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
             self.unsettled[delivery.tag] = delivery.source
         self.buffer.append(delivery)
 
-    def _method(self, payload: bytes) -> None:
+    def _method(self, payload: bytes | bytearray) -> None:
         method = spec.methods[_UNPACK_METHOD(payload)[0]]()
         method.decode(payload, 4)
         self._handle_method(method)
@@ -377,7 +377,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         except (Broken, OSError):
             pass
 
-    def _expect(self, kind: type, deadline: float) -> Any:
+    def _expect(self, kind: Any, deadline: float) -> Any:
         """Read until RabbitMQ answers with ``kind``; deliveries meanwhile are kept."""
         self.awaiting, self.answer = kind, None
         try:

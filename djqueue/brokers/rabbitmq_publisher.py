@@ -183,7 +183,7 @@ class AmqpClient:
     def _setup_channel(self, deadline: float) -> None:
         """Channel 1 is open."""
 
-    def _expect(self, kind: type, deadline: float) -> Any:
+    def _expect(self, kind: Any, deadline: float) -> Any:
         raise NotImplementedError
 
     def _send_method(self, channel: int, method: Any) -> None:
@@ -413,7 +413,7 @@ class Publisher(AmqpClient):
             self._expect(spec.Confirm.SelectOk, deadline)
         self.sock.settimeout(self.broker.confirm_timeout / 1000)
 
-    def _expect(self, kind: type, deadline: float) -> Any:
+    def _expect(self, kind: Any, deadline: float) -> Any:
         while True:
             for frame in self._frames():
                 if isinstance(frame, pika.frame.Method):
