@@ -17,6 +17,11 @@ is the result's ``id``; the row expires ``DJQUEUE["RESULT_TTL"]`` ms after the t
 finished. The ``task_enqueued`` signal is sent where the task is enqueued,
 ``task_started`` and ``task_finished`` in the worker process that runs it.
 
+A task whose message is dead-lettered while the task itself recorded no failure (it
+never ran: ``max_age`` passed, a worker without the actor, bytes that did not decode; or
+it never finished: ``max_deliveries``, the worker running it kept dying) is failed by the
+``DeadLetteredTasks`` middleware, with the reason as its error.
+
 ``OPTIONS`` are djqueue message options for every task of the backend, for instance
 ``{"max_retries": 3, "min_backoff": 1000, "time_limit": 60_000}``. By default a task
 that raises is not retried (Django's own backends never retry).
@@ -25,6 +30,8 @@ that raises is not retried (Django's own backends never retry).
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
 import traceback
 from typing import Any
 
@@ -46,16 +53,29 @@ from . import conf
 from .actor import CORE_OPTIONS, Actor
 from .brokers import get_broker
 from .brokers.base import Broker, validate_queue_name
-from .errors import ConfigurationError
+from .errors import ActorNotFound, ConfigurationError, DjqueueError
 from .message import current_millis
+from .middleware.base import Middleware
 from .middleware.current_message import get_current_message
 from .middleware.heartbeats import worker_id
 
+logger = logging.getLogger("djqueue.backends")
+
 TASK_ACTOR_NAME = "djqueue.django_task"
+
+# The failure that run_django_task last recorded in this worker thread, so that
+# DeadLetteredTasks does not record it a second time when the message is dead-lettered.
+_recorded = threading.local()
+
+
+class TaskDeadLettered(DjqueueError):
+    """The error recorded for a task whose message djqueue dead-lettered for a reason
+    that is no exception (``max_age``, ``max_deliveries``); its traceback is the reason."""
 
 
 def run_django_task(alias: str, task_path: str, args: list[Any], kwargs: dict[str, Any]) -> None:
     """The generic actor: run the task ``task_path`` and record its outcome."""
+    _recorded.exception = None
     task = import_string(task_path)
     if not isinstance(task, Task):
         raise TypeError(f"{task_path} is not a django.tasks Task (decorate it with @task)")
@@ -80,6 +100,7 @@ def run_django_task(alias: str, task_path: str, args: list[Any], kwargs: dict[st
                     "traceback": "".join(traceback.format_exception(e)),
                 }
             )
+            _recorded.exception = e
         _finish(row, row.Status.FAILED if final else row.Status.READY)
         if final:
             task_finished.send(sender=sender, task_result=to_task_result(row, task))
@@ -93,6 +114,8 @@ def task_actor(broker: Broker) -> Actor[..., None]:
     """The generic actor on ``broker``, declared on first use."""
     actor = broker.actors.get(TASK_ACTOR_NAME)
     if actor is None:
+        if not any(isinstance(m, DeadLetteredTasks) for m in broker.middleware):
+            broker.add_middleware(DeadLetteredTasks())
         actor = Actor(
             run_django_task,
             broker=broker,
@@ -102,6 +125,81 @@ def task_actor(broker: Broker) -> Actor[..., None]:
             options={"max_retries": 0},
         )
     return actor
+
+
+class DeadLetteredTasks(Middleware):
+    """Fails the DjangoTaskResult of a task whose message is dead-lettered, unless the
+    task already failed for good: a row otherwise stays ready or running for ever.
+
+    The reason becomes the task's last error: the exception, if one was raised that the
+    task did not record itself (``ActorNotFound`` for a worker without the actor,
+    ``DecodeError`` for bytes that did not decode), else ``TaskDeadLettered``. Runs
+    before the broker's nack, as DeadLetters does, so that the row is final before the
+    message leaves the queue. task_actor() adds it to every broker with the generic actor.
+    """
+
+    def before_nack(self, broker: Broker, message: Any) -> None:
+        # A message that did not decode may still be a task's: its id is looked up.
+        if message.decode_error is None and message.actor_name != TASK_ACTOR_NAME:
+            return
+        try:
+            _fail_dead_lettered(message)
+        except Exception:
+            # Never in the way of the dead letter itself.
+            logger.exception("could not mark the task result of %s failed", message.message_id)
+
+
+def _fail_dead_lettered(message: Any) -> None:
+    """Mark the task result of the dead-lettered ``message`` (a MessageProxy) FAILED."""
+    from .models import DjangoTaskResult
+
+    recorded, _recorded.exception = getattr(_recorded, "exception", None), None
+    rows = DjangoTaskResult.objects
+    with transaction.atomic(using=router.db_for_write(DjangoTaskResult)):
+        row = rows.select_for_update().filter(pk=message.message_id).first()
+        if row is None:
+            # Failed before the enqueueing transaction committed: the row is written here,
+            # and the enqueuer's insert is ignored.
+            new = _row_from_message(message)
+            if new is None:
+                return  # not a task's message after all
+            rows.bulk_create([new], ignore_conflicts=True)
+            row = rows.select_for_update().get(pk=message.message_id)
+        if row.status not in (row.Status.READY, row.Status.RUNNING):
+            return  # the task recorded its own end
+        if message.exception is None or message.exception is not recorded:
+            row.errors.append(_dead_letter_error(message))
+        _finish(row, row.Status.FAILED)
+    try:
+        task = import_string(row.task_path)
+    except ImportError:
+        return  # no Task to describe in the signal
+    if isinstance(task, Task):
+        task_finished.send(sender=_sender(row.backend), task_result=to_task_result(row, task))
+
+
+def _dead_letter_error(message: Any) -> dict[str, str]:
+    """The error to record for a dead-lettered task message: its exception and reason."""
+    exception = message.exception or message.decode_error
+    if exception is not None:
+        kind: type[BaseException] = type(exception)
+    elif message.reason and message.reason.startswith("unknown actor"):
+        kind = ActorNotFound
+    else:
+        kind = TaskDeadLettered
+    lines = [message.traceback.rstrip()] if message.traceback else []
+    lines.append(f"djqueue dead-lettered the task's message: {message.reason or 'no reason given'}")
+    return {"exception_class_path": f"{kind.__module__}.{kind.__qualname__}", "traceback": "\n".join(lines)}
+
+
+def _row_from_message(message: Any) -> Any:
+    """A READY row for a task message whose row is missing, or None if it is no task's."""
+    try:
+        alias, task_path, args, kwargs = message.args
+        kwargs = dict(kwargs)
+    except (TypeError, ValueError):
+        return None
+    return _new_row(message.message_id, alias, task_path, message.queue_name, message.priority, args, kwargs)
 
 
 class DjqueueTaskBackend(BaseTaskBackend):
@@ -238,15 +336,14 @@ def _running_row(
     row = DjangoTaskResult.objects.filter(pk=message_id).first() if message_id else None
     if row is None:
         # The enqueueing transaction has not committed yet, or the row expired.
-        row = DjangoTaskResult(
-            id=message_id or f"local-{current_millis()}",
-            task_path=task_path,
-            backend=alias,
-            queue_name=task.queue_name,
-            priority=task.priority,
-            args=args,
-            kwargs=kwargs,
-            enqueued_at=now,
+        row = _new_row(
+            message_id or f"local-{current_millis()}",
+            alias,
+            task_path,
+            task.queue_name,
+            task.priority,
+            args,
+            kwargs,
         )
     row.status = row.Status.RUNNING
     row.started_at = row.started_at or now
@@ -254,6 +351,30 @@ def _running_row(
     row.worker_ids = [*row.worker_ids, worker_id()]
     row.save()
     return row
+
+
+def _new_row(
+    row_id: str,
+    alias: str,
+    task_path: str,
+    queue_name: str,
+    priority: int,
+    args: list[Any],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A READY row, for a task whose row the enqueuer has not committed (or that expired)."""
+    from .models import DjangoTaskResult
+
+    return DjangoTaskResult(
+        id=row_id,
+        task_path=task_path,
+        backend=alias,
+        queue_name=queue_name,
+        priority=priority,
+        args=args,
+        kwargs=kwargs,
+        enqueued_at=timezone.now(),
+    )
 
 
 def _finish(row: Any, status: str) -> None:

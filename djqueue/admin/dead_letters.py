@@ -3,32 +3,21 @@ permission-checked, CSRF-protected and logged operations."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models.functions import Substr
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import formats, timezone
 from django.utils.html import format_html
-from django.utils.text import Truncator
 
 from .. import deadletters
 from ..brokers import get_broker
 from ..models import DeadLetter
-from .helpers import (
-    LargeTableAdminMixin,
-    compact_time,
-    dotted,
-    make_values_filter,
-    pre,
-    pretty_json,
-    redact,
-    short_id,
-)
+from .base import MessageRowsAdmin, exception_summary, json_display, time_column
+from .helpers import dotted, make_values_filter, pre
 
 # Rows one action may touch: a bigger selection is refused with a hint to narrow it,
 # so that a "select all" over a million rows cannot hold a transaction for minutes.
@@ -51,7 +40,7 @@ def _plural(count: int, word: str = "dead letter") -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(LargeTableAdminMixin, admin.ModelAdmin):
+class DeadLetterAdmin(MessageRowsAdmin):
     list_display = ("message_short", "actor", "queue", "exception", "failed", "retries", "status")
     list_display_links = ("message_short",)
     list_filter = (
@@ -63,6 +52,9 @@ class DeadLetterAdmin(LargeTableAdminMixin, admin.ModelAdmin):
     search_fields = ("actor_name", "exception_type", "exception_message")
     search_help_text = "A message id (fast), or text in the actor name or exception (reads every row)."
     date_hierarchy = "failed_at"
+    changelist_title = "Dead letters"
+    list_columns = LIST_COLUMNS
+    preview_field = "exception_message"
     actions = ("retry_dead_letters", "discard_dead_letters")
     fieldsets = (
         (
@@ -88,58 +80,18 @@ class DeadLetterAdmin(LargeTableAdminMixin, admin.ModelAdmin):
         ("Raw payload", {"fields": ("raw_payload_display",)}),
     )
 
-    # -- permissions: the row is read-only; actions are the only way to change it --------
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        # Deleting is `manage.py purgedeadletters`' job, in batches.
-        return False
+    # -- permissions: the row is read-only (nobody adds or deletes one: purging is
+    # `manage.py purgedeadletters`' job); actions are the only way to change it --------
 
     def has_retry_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(f"{self.opts.app_label}.retry_deadletter")
-
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [f for _, section in self.get_fieldsets(request, obj) for f in section["fields"]]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         return self.malformed_fieldsets if obj is not None and obj.is_malformed else self.fieldsets
 
     # -- the list -------------------------------------------------------------------
 
-    def get_queryset(self, request: HttpRequest) -> Any:
-        queryset = super().get_queryset(request)
-        match = request.resolver_match
-        if match is not None and match.url_name == "djqueue_deadletter_changelist":
-            queryset = queryset.only(*LIST_COLUMNS).annotate(
-                exception_preview=Substr("exception_message", 1, 120)
-            )
-        return queryset
-
-    def get_search_results(self, request: HttpRequest, queryset: Any, search_term: str) -> Any:
-        term = search_term.strip()
-        try:
-            uuid.UUID(term)
-        except ValueError:
-            return super().get_search_results(request, queryset, search_term)
-        # A whole message id: one index lookup instead of scanning every exception text.
-        return queryset.filter(message_id=term), False
-
-    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
-        return super().changelist_view(request, {"title": "Dead letters", **(extra_context or {})})
-
-    @admin.display(description="message", ordering="message_id")
-    def message_short(self, obj: DeadLetter) -> str:
-        return short_id(obj.message_id)
-
-    @admin.display(description="queue", ordering="queue_name")
-    def queue(self, obj: DeadLetter) -> str:
-        return obj.queue_name
-
-    @admin.display(description="failed at", ordering="failed_at")
-    def failed(self, obj: DeadLetter) -> str:
-        return compact_time(obj.failed_at)
+    failed = time_column("failed_at", "failed at")
 
     @admin.display(description="actor", ordering="actor_name")
     def actor(self, obj: DeadLetter) -> str:
@@ -158,8 +110,7 @@ class DeadLetterAdmin(LargeTableAdminMixin, admin.ModelAdmin):
     def exception(self, obj: DeadLetter) -> str:
         preview = getattr(obj, "exception_preview", None)
         text = obj.exception_message if preview is None else preview
-        text = Truncator(redact(text.splitlines()[0] if text else "", cut=True)).chars(60)
-        return format_html('<code class="djq-nowrap">{}</code> {}', obj.exception_type, text)
+        return exception_summary(obj.exception_type, text.splitlines()[0] if text else "")
 
     # -- the change page --------------------------------------------------------------
 
@@ -179,17 +130,9 @@ class DeadLetterAdmin(LargeTableAdminMixin, admin.ModelAdmin):
         url = reverse("admin:djqueue_deadletter_change", args=[again.pk])
         return format_html('{}, which failed again: <a href="{}">its dead letter</a>', text, url)
 
-    @admin.display(description="args")
-    def args_display(self, obj: DeadLetter) -> str:
-        return pretty_json(obj.args)
-
-    @admin.display(description="kwargs")
-    def kwargs_display(self, obj: DeadLetter) -> str:
-        return pretty_json(obj.kwargs)
-
-    @admin.display(description="options")
-    def options_display(self, obj: DeadLetter) -> str:
-        return pretty_json(obj.options)
+    args_display = json_display("args")
+    kwargs_display = json_display("kwargs")
+    options_display = json_display("options")
 
     @admin.display(description="exception message")
     def exception_message_display(self, obj: DeadLetter) -> str:

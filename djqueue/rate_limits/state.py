@@ -1,4 +1,5 @@
-"""Rate-limit state transitions as pure functions, shared by the memory and database backends.
+"""Rate-limit state transitions as pure functions, shared by the memory and database backends
+(through backends/transitions.py).
 
 Each function takes the stored state (None when there is none yet) and the time ``now``
 (ms since the epoch) and returns ``(admitted, new_state, expires_at)``: whether the caller

@@ -10,6 +10,7 @@ from django.db import connections
 from django.test import Client
 
 from djqueue import actor
+from djqueue.deadletters import retry_dead_letters
 from djqueue.models import DeadLetter
 
 from .conftest import changelist_action, make_dead_letter, messages_of
@@ -192,57 +193,43 @@ def test_the_change_page_is_read_only(stub_broker, repairable, operator_client):
     assert operator_client.post(f"/admin/djqueue/deadletter/{row.pk}/delete/").status_code == 403
 
 
-@pytest.mark.django_db(transaction=True)
-def test_concurrent_retries_enqueue_once(stub_broker, repairable):
-    from djqueue.deadletters import retry_dead_letters
-
-    row = make_dead_letter(actor_name="shop.tasks.send_receipt")
-    barrier = threading.Barrier(4)
+def retry_at_once(queryset, threads: int = 4) -> list[int]:
+    """Retry the rows of ``queryset`` from ``threads`` threads at the same moment; how many
+    rows each retry enqueued."""
+    barrier = threading.Barrier(threads)
     retried: list[int] = []
 
     def retry() -> None:
         barrier.wait()
         try:
-            retried.append(len(retry_dead_letters(DeadLetter.objects.filter(pk=row.pk)).retried))
+            retried.append(len(retry_dead_letters(queryset.all()).retried))
         finally:
             connections.close_all()
 
-    threads = [threading.Thread(target=retry) for _ in range(4)]
-    for thread in threads:
+    started = [threading.Thread(target=retry) for _ in range(threads)]
+    for thread in started:
         thread.start()
-    for thread in threads:
+    for thread in started:
         thread.join(20)
-    assert sorted(retried) == [0, 0, 0, 1]
+    return retried
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_retries_enqueue_once(stub_broker, repairable):
+    row = make_dead_letter(actor_name="shop.tasks.send_receipt")
+    assert sorted(retry_at_once(DeadLetter.objects.filter(pk=row.pk))) == [0, 0, 0, 1]
     assert stub_broker.get_queue_stats("default").ready == 1
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
 def test_concurrent_retries_enqueue_once_on_postgresql(stub_broker, repairable):
-    from djqueue.deadletters import retry_dead_letters
-
     row = DeadLetter.objects.using("postgres").create(
         message_id="5f0c5e8e-1d7a-4c43-8f7e-3d7b8b2b9a10",
         queue_name="default",
         actor_name="shop.tasks.send_receipt",
     )
-    barrier = threading.Barrier(4)
-    retried: list[int] = []
-
-    def retry() -> None:
-        barrier.wait()
-        try:
-            queryset = DeadLetter.objects.using("postgres").filter(pk=row.pk)
-            retried.append(len(retry_dead_letters(queryset).retried))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=retry) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
-    assert sorted(retried) == [0, 0, 0, 1]
+    assert sorted(retry_at_once(DeadLetter.objects.using("postgres").filter(pk=row.pk))) == [0, 0, 0, 1]
     assert stub_broker.get_queue_stats("default").ready == 1
     assert DeadLetter.objects.using("postgres").get().status == "retried"
 

@@ -16,8 +16,9 @@ from django.tasks.signals import task_enqueued, task_finished, task_started
 from django.utils import timezone
 
 from djqueue import Worker
-from djqueue.backends import DjqueueTaskBackend
+from djqueue.backends import TASK_ACTOR_NAME, DjqueueTaskBackend, TaskDeadLettered, task_actor
 from djqueue.brokers import broker_from_url, get_broker, set_broker
+from djqueue.errors import ActorNotFound, DecodeError
 from djqueue.models import DjangoTaskResult
 from tests.process import start_workers, wait_for
 from tests.tasks_backend import djtasks
@@ -45,6 +46,19 @@ def run_all(worker) -> None:
     if not worker.consumers:
         worker.start()
     worker.join(timeout=10_000)
+
+
+@pytest.fixture
+def finished_signals():
+    """The statuses of the task_finished signals sent during the test, in order."""
+    seen = []
+
+    def receive(sender, task_result, **kwargs):
+        seen.append((task_result.id, task_result.status))
+
+    task_finished.connect(receive)
+    yield seen
+    task_finished.disconnect(receive)
 
 
 def test_backend_abilities(tasks_setting):
@@ -82,17 +96,12 @@ def test_a_failure_keeps_its_traceback_and_is_not_retried(worker):
         _ = result.return_value
 
 
-def test_options_turn_on_retries(settings, stub_broker):
-    settings.TASKS = {
+def test_options_turn_on_retries(worker, tasks_setting):
+    tasks_setting.TASKS = {
         "default": {"BACKEND": BACKEND, "OPTIONS": {"max_retries": 2, "min_backoff": 1, "max_backoff": 5}}
     }
     result = djtasks.explode.enqueue("again")
-    worker = Worker(stub_broker, worker_threads=1, worker_timeout=100)
-    worker.start()
-    try:
-        worker.join(timeout=10_000)
-    finally:
-        worker.stop(timeout=5_000)
+    run_all(worker)
     result.refresh()
     assert result.status == TaskResultStatus.FAILED
     assert len(result.errors) == 3 and result.attempts == 3
@@ -220,3 +229,98 @@ def test_a_worker_process_runs_the_task(tmp_path, settings):
         broker.close()
         for connection in connections.all():
             connection.close()
+
+
+# -- tasks whose message is dead-lettered without the task failing by itself -------------
+
+
+def last_error_once_failed(worker, result):
+    """Run the queue; ``result`` must have failed: its last error."""
+    run_all(worker)
+    result.refresh()
+    assert result.status == TaskResultStatus.FAILED
+    return result.errors[-1]
+
+
+def test_a_task_whose_worker_kept_dying_fails_with_the_reason(worker, stub_broker, finished_signals):
+    result = djtasks.add.enqueue(1, 2)
+    # Five times a worker takes the message and dies while the task runs (its row says
+    # RUNNING); the message goes back to the queue each time.
+    for _ in range(5):
+        consumer = stub_broker.consume("default", timeout=1_000)
+        assert next(consumer).message_id == result.id
+        DjangoTaskResult.objects.filter(pk=result.id).update(status="RUNNING", started_at=timezone.now())
+        consumer.close()
+    run_all(worker)  # the sixth delivery is over max_deliveries (5): dead-lettered
+    result.refresh()
+    assert result.status == TaskResultStatus.FAILED and result.finished_at is not None
+    [error] = result.errors
+    assert error.exception_class is TaskDeadLettered
+    assert "delivered 6 times without finishing" in error.traceback
+    assert djtasks.ran == []
+    assert finished_signals == [(result.id, TaskResultStatus.FAILED)]
+    assert DjangoTaskResult.objects.get(pk=result.id).expires_at is not None
+
+
+def test_a_task_message_that_does_not_decode_fails_its_task(worker, stub_broker):
+    result = djtasks.add.enqueue(1, 2)
+    consumer = stub_broker.consume("default", timeout=1_000)
+    proxy = next(consumer)
+    consumer.ack(proxy)
+    consumer.close()
+    # The same message, mangled on the way by something that wrote the queue directly.
+    stub_broker.enqueue_raw("default", proxy.data + b" trailing junk")
+    error = last_error_once_failed(worker, result)
+    assert error.exception_class is DecodeError
+    assert "djqueue dead-lettered the task's message" in error.traceback
+
+
+def test_a_task_message_without_its_actor_fails_its_task(worker, stub_broker):
+    result = djtasks.add.enqueue(1, 2)
+    # A broker that has lost the generic actor but kept its middleware; a worker whose
+    # settings have no djqueue TASKS backend has neither (see docs/django-tasks.md).
+    del stub_broker.actors[TASK_ACTOR_NAME]
+    error = last_error_once_failed(worker, result)
+    assert error.exception_class is ActorNotFound
+    assert "unknown actor 'djqueue.django_task'" in error.traceback
+
+
+def test_a_task_that_cannot_be_imported_fails_even_without_a_row(worker, stub_broker):
+    # Sent as an older release would, for a task since renamed; its row is gone (expired).
+    message = task_actor(stub_broker).send("default", "tests.tasks_backend.djtasks.renamed_away", [1], {})
+    run_all(worker)
+    row = DjangoTaskResult.objects.get(pk=message.message_id)
+    assert (row.status, row.task_path, row.args) == (
+        "FAILED",
+        "tests.tasks_backend.djtasks.renamed_away",
+        [1],
+    )
+    [error] = row.errors
+    assert error["exception_class_path"] == "builtins.ImportError"
+    assert "renamed_away" in error["traceback"] and "gave up after 0 retries" in error["traceback"]
+    with pytest.raises(TaskResultDoesNotExist, match="cannot be imported"):
+        djtasks.add.get_result(message.message_id)
+
+
+def test_a_failure_that_cannot_be_retried_is_recorded_once(worker, tasks_setting, finished_signals):
+    # A retry is due, but the junk min_backoff stops Retries from scheduling it: the
+    # message is dead-lettered although the task expected another attempt.
+    tasks_setting.TASKS = {
+        "default": {"BACKEND": BACKEND, "OPTIONS": {"max_retries": 3, "min_backoff": "soon"}}
+    }
+    result = djtasks.explode.enqueue("once")
+    run_all(worker)
+    result.refresh()
+    assert result.status == TaskResultStatus.FAILED
+    [error] = result.errors  # the task's own traceback, not a second entry for the same failure
+    assert error.exception_class is ValueError and "ValueError: once" in error.traceback
+    assert finished_signals == [(result.id, TaskResultStatus.FAILED)]
+
+
+def test_the_middleware_is_added_once(tasks_setting, stub_broker):
+    from djqueue.backends import DeadLetteredTasks
+
+    djtasks.add.enqueue(1, 2)
+    djtasks.add.enqueue(3, 4)
+    task_actor(stub_broker)
+    assert sum(isinstance(m, DeadLetteredTasks) for m in stub_broker.middleware) == 1

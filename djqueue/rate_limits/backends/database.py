@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
 from ...message import current_millis
-from .. import state
-from ..base import RateLimitBackend
+from .transitions import Step, TransitionBackend
 
 # Rows that expired this long ago are deleted, every CLEANUP_EVERY operations.
 CLEANUP_GRACE = 60_000
@@ -43,7 +41,7 @@ def _row_key(key: str) -> str:
     return key[:150] + "#" + hashlib.sha256(key.encode()).hexdigest()
 
 
-class DatabaseBackend(RateLimitBackend):
+class DatabaseBackend(TransitionBackend):
     """Rate limits and unique keys as rows of the database ``using``. ``"db"`` in
     RATE_LIMIT_BACKEND (the broker's database for ``db://ALIAS``, else ``default``)."""
 
@@ -74,7 +72,7 @@ class DatabaseBackend(RateLimitBackend):
         more, _ = UniqueJobKey.objects.using(self.using).filter(expires_at__lt=before).delete()
         return deleted + more
 
-    def _apply(self, key: str, step: Callable[[Any, int], state.Transition]) -> bool:
+    def apply_transition(self, key: str, step: Step) -> bool:
         RateLimitState, _ = self._models()
         rows = RateLimitState.objects.using(self.using)
         key = _row_key(key)
@@ -92,18 +90,6 @@ class DatabaseBackend(RateLimitBackend):
                 row.save(update_fields=["state", "expires_at"])
                 return admitted
         raise RuntimeError(f"rate-limit row {key!r} kept disappearing")  # pragma: no cover
-
-    def semaphore_acquire(self, key: str, token: str, *, limit: int, ttl: int) -> bool:
-        return self._apply(key, lambda s, now: state.semaphore_acquire(s, now, token, limit, ttl))
-
-    def semaphore_release(self, key: str, token: str) -> None:
-        self._apply(key, lambda s, now: state.semaphore_release(s, now, token))
-
-    def bucket_take(self, key: str, *, limit: int, interval: int) -> bool:
-        return self._apply(key, lambda s, now: state.bucket_take(s, now, limit, interval))
-
-    def window_add(self, key: str, token: str, *, limit: int, window: int) -> bool:
-        return self._apply(key, lambda s, now: state.window_add(s, now, limit, window))
 
     def unique_claim(self, key: str, owner: str, *, ttl: int) -> bool:
         _, UniqueJobKey = self._models()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from ...message import current_millis
-from .. import state
-from ..base import RateLimitBackend
+from .transitions import Step, TransitionBackend
 
 
-class MemoryBackend(RateLimitBackend):
+class MemoryBackend(TransitionBackend):
     """Keeps every key in a dict behind one lock. ``"memory"`` in RATE_LIMIT_BACKEND."""
 
     name = "memory"
@@ -22,7 +20,7 @@ class MemoryBackend(RateLimitBackend):
         self._unique: dict[str, tuple[str, int]] = {}  # key -> (owner, expires_at)
         self._sweep_at = 10_000
 
-    def _apply(self, key: str, step: Callable[[Any, int], state.Transition]) -> bool:
+    def apply_transition(self, key: str, step: Step) -> bool:
         with self._lock:
             now = current_millis()
             stored = self._states.get(key)
@@ -34,18 +32,6 @@ class MemoryBackend(RateLimitBackend):
                 self._states = {k: v for k, v in self._states.items() if v[1] > now}
                 self._sweep_at = max(10_000, 2 * len(self._states))
             return admitted
-
-    def semaphore_acquire(self, key: str, token: str, *, limit: int, ttl: int) -> bool:
-        return self._apply(key, lambda s, now: state.semaphore_acquire(s, now, token, limit, ttl))
-
-    def semaphore_release(self, key: str, token: str) -> None:
-        self._apply(key, lambda s, now: state.semaphore_release(s, now, token))
-
-    def bucket_take(self, key: str, *, limit: int, interval: int) -> bool:
-        return self._apply(key, lambda s, now: state.bucket_take(s, now, limit, interval))
-
-    def window_add(self, key: str, token: str, *, limit: int, window: int) -> bool:
-        return self._apply(key, lambda s, now: state.window_add(s, now, limit, window))
 
     def unique_claim(self, key: str, owner: str, *, ttl: int) -> bool:
         with self._lock:
