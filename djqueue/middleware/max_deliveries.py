@@ -32,8 +32,13 @@ class MaxDeliveries(Middleware):
         self.max_deliveries = max_deliveries
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        actor = broker.actors[message.message.actor_name]
-        limit = actor.options.get("max_deliveries") or self.max_deliveries
+        if message.delivery_count == 1:
+            return  # every limit is at least 1
+        msg = message.message
+        # A message option (a Django task backend's OPTIONS) wins over the actor's.
+        limit = msg.options.get("max_deliveries")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            limit = broker.actors[msg.actor_name].options.get("max_deliveries") or self.max_deliveries
         if message.delivery_count > limit:
             message.fail(
                 f"delivered {message.delivery_count} times without finishing (more than "

@@ -230,3 +230,18 @@ def test_a_message_whose_worker_keeps_dying_is_dead_lettered(stub_broker, stub_w
     assert ran == []
     row = DeadLetter.objects.get(message_id=message.message_id)
     assert "delivered 4 times without finishing" in row.exception_message
+
+
+def test_a_message_option_max_deliveries_wins_over_the_actors(stub_broker, stub_worker):
+    @actor(broker=stub_broker, actor_name="crasher", max_deliveries=5)
+    def crasher() -> None:
+        pass
+
+    message = crasher.send_with_options(max_deliveries=1)
+    consumer = stub_broker.consume("default", prefetch=1, timeout=1000)
+    assert next(consumer).delivery_count == 1
+    consumer.close()  # as a killed process would
+    stub_worker.start()
+    stub_worker.join(timeout=10_000)
+    row = DeadLetter.objects.get(message_id=message.message_id)
+    assert "more than max_deliveries=1" in row.exception_message
