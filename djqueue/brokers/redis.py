@@ -1,7 +1,8 @@
 """The Redis broker (``redis://`` and ``rediss://``), on redis-py.
 
-Every change to a queue is one atomic Lua script (redis_scripts.py). A consumer takes
-up to ``prefetch`` messages per round trip into its own in-flight set, and acks are
+Every change to a queue is one atomic Lua script (redis_scripts.py), run with
+``EVALSHA`` by redis_runner.py. A consumer (redis_consumer.py) takes up to
+``prefetch`` messages per round trip into its own in-flight set, and acks are
 buffered and flushed with the next fetch. An idle consumer blocks on a per-queue
 wake-up list instead of polling, and wakes when the earliest delayed message is due.
 A heartbeat thread per broker keeps its consumers alive and gives back the messages
@@ -13,18 +14,17 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import time
-import uuid
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import BrokerError, ConfigurationError, ConnectionError, DecodeError
+from ..errors import BrokerError, ConfigurationError, ConnectionError
 from ..message import Message
 from . import mask_url
 from . import redis_scripts as lua
-from .base import Broker, Consumer, MessageProxy, QueueStats
+from .base import Broker, Consumer, QueueStats
+from .redis_consumer import Heartbeat, RedisConsumer
+from .redis_runner import ScriptRunner
 
 logger = logging.getLogger("djqueue.broker.redis")
 
@@ -34,10 +34,6 @@ DEFAULT_HEARTBEAT_TIMEOUT = 60_000
 DEFAULT_DEAD_LETTER_TTL = 7 * 24 * 3600 * 1000
 ENQUEUE_CHUNK = 500
 PURGE_CHUNK = 1000
-# Acks wait at most this long (s) for the next fetch before being flushed on their own.
-ACK_FLUSH_DELAY = 0.005
-# A nearly full consumer waits this long (s) for more acks, to refill in one round trip.
-REFILL_DELAY = 0.002
 
 
 def _import_redis() -> Any:
@@ -101,7 +97,7 @@ class RedisBroker(Broker):
         if dead_letter_ttl is None:
             dead_letter_ttl = _default_dead_letter_ttl()
         self.dead_letter_ttl = _positive_ms("dead_letter_ttl", dead_letter_ttl)
-        redis = self._redis = _import_redis()
+        redis = _import_redis()
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -122,10 +118,16 @@ class RedisBroker(Broker):
             raise ConfigurationError(f"bad Redis broker option for {mask_url(url)}: {e}") from None
         socket_timeout = options.get("socket_timeout")
         self.max_block = max(0.01, socket_timeout - 1) if socket_timeout else 3600.0
-        self.scripts = {name: self.client.register_script(getattr(lua, name.upper())) for name in lua.SCRIPTS}
-        self.consumers: dict[str, _RedisConsumer] = {}
+        self.runner = ScriptRunner(
+            self.client, self.prefix, {name: getattr(lua, name.upper()) for name in lua.SCRIPTS}
+        )
+        errors = redis.exceptions
+        self._lost = (errors.ConnectionError, errors.TimeoutError)
+        self._read_only = errors.ReadOnlyError
+        self._redis_error = errors.RedisError
+        self.consumers: dict[str, RedisConsumer] = {}
         self.consumers_lock = threading.Lock()
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
@@ -159,23 +161,33 @@ class RedisBroker(Broker):
         """Run one of the scripts; ``retry`` once on a lost connection, for calls that
         are safe to repeat."""
         try:
-            return self.call(self.scripts[script], args=[self.prefix, *args])
-        except ConnectionError:
-            if not retry:
+            return self.runner.run(script, args)
+        except Exception as e:
+            error = self._translate(e)
+            if error is None:
                 raise
-        return self.call(self.scripts[script], args=[self.prefix, *args])
+            if not (retry and isinstance(error, ConnectionError)):
+                raise error from e
+        return self.call(self.runner.run, script, args)
 
-    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call redis-py, turning its errors into djqueue errors."""
-        errors = self._redis.exceptions
         try:
             return fn(*args, **kwargs)
-        except (errors.ConnectionError, errors.TimeoutError) as e:
-            raise ConnectionError(f"cannot reach Redis at {mask_url(self.url)}: {e}") from e
-        except errors.ReadOnlyError as e:  # transient, like a lost connection
-            raise ConnectionError(f"Redis at {mask_url(self.url)} is a read-only replica: {e}") from e
-        except errors.RedisError as e:
-            raise BrokerError(f"Redis broker error: {e}") from e
+        except Exception as e:
+            error = self._translate(e)
+            if error is None:
+                raise
+            raise error from e
+
+    def _translate(self, e: Exception) -> Exception | None:
+        if isinstance(e, self._lost):
+            return ConnectionError(f"cannot reach Redis at {mask_url(self.url)}: {e}")
+        if isinstance(e, self._read_only):  # transient, like a lost connection
+            return ConnectionError(f"Redis at {mask_url(self.url)} is a read-only replica: {e}")
+        if isinstance(e, self._redis_error):
+            return BrokerError(f"Redis broker error: {e}")
+        return None
 
     # -- sending --------------------------------------------------------------------
 
@@ -185,11 +197,12 @@ class RedisBroker(Broker):
         pass
 
     @staticmethod
-    def _fields(message: Message, data: bytes) -> list[Any]:
-        priority = max(
-            -lua.PRIORITY_LIMIT, min(lua.PRIORITY_LIMIT, int(message.options.get("priority") or 0))
-        )
-        return [message.message_id, data, priority, int(message.eta or 0)]
+    def _fields(message: Message, data: bytes) -> tuple[str, bytes, int, int]:
+        options = message.options
+        priority = options.get("priority")
+        if priority:
+            priority = max(-lua.PRIORITY_LIMIT, min(lua.PRIORITY_LIMIT, int(priority)))
+        return message.message_id, data, priority or 0, int(options.get("eta") or 0)
 
     def _enqueue(self, message: Message, data: bytes) -> None:
         self.run("enqueue", [message.queue_name, *self._fields(message, data)], retry=True)
@@ -199,14 +212,13 @@ class RedisBroker(Broker):
         for message, data in prepared:
             by_queue.setdefault(message.queue_name, []).extend(self._fields(message, data))
         step = ENQUEUE_CHUNK * 4
-        calls = [(q, f[i : i + step]) for q, f in by_queue.items() for i in range(0, len(f), step)]
+        calls = [
+            ("enqueue", [q, *f[i : i + step]]) for q, f in by_queue.items() for i in range(0, len(f), step)
+        ]
         if len(calls) == 1:
-            self.run("enqueue", [calls[0][0], *calls[0][1]], retry=True)
-            return
-        pipe = self.client.pipeline(transaction=False)
-        for queue_name, fields in calls:
-            self.scripts["enqueue"](args=[self.prefix, queue_name, *fields], client=pipe)
-        self.call(pipe.execute)
+            self.run(*calls[0], retry=True)
+        elif calls:
+            self.call(self.runner.run_many, calls)
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         self.declare_queue(queue_name)
@@ -216,11 +228,11 @@ class RedisBroker(Broker):
 
     def consume(self, queue_name: str, *, prefetch: int = 1, timeout: int = 1000) -> Consumer:
         self.declare_queue(queue_name)
-        consumer = _RedisConsumer(self, queue_name, prefetch, timeout)
+        consumer = RedisConsumer(self, queue_name, prefetch, timeout)
         with self.consumers_lock:
             self.consumers[consumer.cid] = consumer
             if self._heartbeat is None or not self._heartbeat.is_alive():
-                self._heartbeat = _Heartbeat(self)
+                self._heartbeat = Heartbeat(self)
                 self._heartbeat.start()
         return consumer
 
@@ -259,239 +271,5 @@ class RedisBroker(Broker):
         if heartbeat is not None:
             heartbeat.stop.set()
             heartbeat.join(5)
+        self.runner.close()
         self.client.close()
-
-
-class _Heartbeat(threading.Thread):
-    """Beats for every open consumer of one broker, from its own thread so a long actor
-    cannot starve it, and gives back the messages of consumers that stopped beating."""
-
-    def __init__(self, broker: RedisBroker) -> None:
-        super().__init__(name="djqueue-redis-heartbeat", daemon=True)
-        self.broker = broker
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        streak = 0  # consecutive successful beats
-        while True:
-            try:
-                # After an outage every process's heartbeats are stale: give back other
-                # consumers' messages only once they all had a full interval to beat again.
-                self.beat(recover=streak >= 1)
-                if streak < 0:
-                    logger.info("Redis heartbeats resumed")
-                streak = max(streak, 0) + 1
-            except Exception as e:
-                if streak >= 0:
-                    logger.warning(
-                        "Redis heartbeat failed, retrying every %d ms: %s", self.broker.heartbeat_interval, e
-                    )
-                streak = -1
-            if self.stop.wait(self.broker.heartbeat_interval / 1000):
-                return
-
-    def beat(self, *, recover: bool) -> None:
-        broker = self.broker
-        with broker.consumers_lock:
-            consumers = dict(broker.consumers)
-            args: list[Any] = [broker.heartbeat_timeout if recover else 0]
-            for cid, consumer in consumers.items():
-                args += [cid, consumer.queue_name]
-            missing, recovered = broker.run("heartbeat", args, retry=True)
-        for cid in missing:
-            consumer = consumers.get(cid.decode())
-            if consumer is not None and consumer.registered:
-                logger.warning(
-                    "consumer of %r had no heartbeat for over %d ms; its messages went to other consumers",
-                    consumer.queue_name,
-                    broker.heartbeat_timeout,
-                )
-        if recovered:
-            logger.warning(
-                "gave back %d message(s) of consumers with no heartbeat for %d ms",
-                recovered,
-                broker.heartbeat_timeout,
-            )
-
-
-class _RedisConsumer(Consumer):
-    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        self.broker = broker
-        self.queue_name = queue_name
-        self.prefetch = max(1, prefetch)
-        self.timeout = timeout / 1000
-        self.cid = uuid.uuid4().hex
-        self.notify_key = f"{broker.prefix}q:{queue_name}:notify"
-        self.registered = False  # set by the first fetch
-        self.lock = threading.Lock()
-        self.acked = threading.Condition(self.lock)
-        self.buffer: deque[tuple[bytes, bytes, int]] = deque()  # fetched, not yet handed out
-        self.outstanding: set[bytes] = set()  # fetched and not settled
-        # The outstanding message delivered over lua.ISOLATE_AFTER times: while we hold
-        # one, fetches skip other such messages (see redis_scripts.py).
-        self.isolated: bytes | None = None
-        self.pending: list[bytes] = []  # acked, to flush with the next fetch
-        self.pending_since = 0.0
-        self.opened_at: float | None = None  # when capacity opened since the last fetch
-        self.refill = max(1, self.prefetch // 4)
-        self.buffering = False  # True while the consumer thread will flush acks soon
-        self.idle = False  # the last fetch found nothing to take
-        self.next_due: float | None = None  # monotonic time the earliest delayed message is due
-        self.closed = False
-
-    # -- the consumer thread ----------------------------------------------------------
-
-    def __next__(self) -> MessageProxy | None:
-        deadline = time.monotonic() + self.timeout
-        with self.lock:
-            self.buffering = True
-        try:
-            while not self.closed:
-                with self.lock:
-                    fetch = self._should_fetch(time.monotonic())
-                if fetch:
-                    self._fetch()
-                if self.buffer:
-                    return self._proxy(self.buffer.popleft())
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._wait(remaining)
-            return None
-        finally:
-            with self.lock:
-                self.buffering = False
-
-    def _should_fetch(self, now: float) -> bool:
-        # Under the lock. Acks ride along with fetches; they are sent on their own only
-        # when no fetch comes within ACK_FLUSH_DELAY, or before blocking.
-        if self.pending and (self.idle or now - self.pending_since >= ACK_FLUSH_DELAY):
-            return True
-        if self.buffer or self.idle:
-            return False
-        capacity = self.prefetch - len(self.outstanding)
-        if capacity <= 0:
-            return False
-        # Refill in batches: a nearly full consumer waits a moment for more acks rather
-        # than paying a round trip per message.
-        return capacity >= self.refill or self.opened_at is None or now - self.opened_at >= REFILL_DELAY
-
-    def _fetch(self) -> None:
-        with self.lock:
-            acks, self.pending = self.pending, []
-            count = max(0, self.prefetch - len(self.outstanding))
-            isolated = "0" if self.isolated is None else "1"
-            self.opened_at = None
-        try:
-            now, first_eta, items = self.broker.run(
-                "fetch", [self.queue_name, self.cid, count, isolated, *acks]
-            )
-        except Exception:
-            with self.lock:
-                self.pending[:0] = acks  # acks are idempotent: send them again later
-            raise
-        self.registered = True
-        with self.lock:
-            for i in range(0, len(items), 3):
-                tag = items[i]
-                self.outstanding.add(tag)
-                if items[i + 2] > lua.ISOLATE_AFTER:
-                    self.isolated = tag
-                self.buffer.append((tag, items[i + 1], items[i + 2]))
-            if count > 0:
-                self.idle = not items
-        self.next_due = time.monotonic() + (int(first_eta) - now) / 1000 if first_eta else None
-
-    def _wait(self, remaining: float) -> None:
-        now = time.monotonic()
-        with self.lock:
-            if self._should_fetch(now):
-                return
-            if not self.idle:
-                until = remaining
-                if self.pending:
-                    until = min(until, self.pending_since + ACK_FLUSH_DELAY - now)
-                if self.opened_at is not None and len(self.outstanding) < self.prefetch:
-                    until = min(until, self.opened_at + REFILL_DELAY - now)
-                if until > 0:
-                    self.acked.wait(until)
-                return
-            # Nothing to take: block until an enqueue pushes a wake-up token, or the
-            # earliest delayed message is due.
-            wait = min(remaining, self.broker.max_block)
-            if self.next_due is not None:
-                wait = min(wait, self.next_due - now)
-            if wait < 0.001:
-                self.idle = False
-                return
-            self.buffering = False  # acks made while we block are sent at once
-        try:
-            self.broker.call(self.broker.client.blpop, [self.notify_key], timeout=wait)
-        finally:
-            with self.lock:
-                self.buffering = True
-                self.idle = False
-
-    def _proxy(self, item: tuple[bytes, bytes, int]) -> MessageProxy:
-        tag, data, count = item
-        try:
-            message = Message.decode(data)
-        except DecodeError as e:
-            return MessageProxy.malformed(data, e, self.queue_name, tag=tag, delivery_count=count)
-        except Exception as e:  # a decoder bug must not stop the consumer either
-            error = DecodeError(f"payload could not be decoded: {e!r}", data)
-            return MessageProxy.malformed(data, error, self.queue_name, tag=tag, delivery_count=count)
-        return MessageProxy(message, data=data, tag=tag, delivery_count=count)
-
-    def close(self) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            acks, self.pending = self.pending, []
-            never_handed_out = [tag for tag, _, _ in self.buffer]
-            self.buffer.clear()
-            self.outstanding.clear()
-            self.isolated = None
-        broker = self.broker
-        with broker.consumers_lock:
-            broker.consumers.pop(self.cid, None)
-        broker.run("release", [self.queue_name, self.cid, len(acks), *acks, *never_handed_out], retry=True)
-
-    # -- any thread -------------------------------------------------------------------
-
-    def _settle(self, proxy: MessageProxy) -> bool:
-        # Under the lock. False: already settled, requeued, or the consumer is closed.
-        if proxy.tag not in self.outstanding:
-            return False
-        self.outstanding.discard(proxy.tag)
-        if proxy.tag == self.isolated:
-            self.isolated = None
-        if self.opened_at is None:
-            self.opened_at = time.monotonic()
-        self.acked.notify()
-        return True
-
-    def ack(self, proxy: MessageProxy) -> None:
-        with self.lock:
-            if not self._settle(proxy):
-                return
-            if self.buffering:
-                if not self.pending:
-                    self.pending_since = time.monotonic()
-                self.pending.append(proxy.tag)
-                return
-        self.broker.run("ack", [self.queue_name, self.cid, proxy.tag], retry=True)
-
-    def nack(self, proxy: MessageProxy) -> None:
-        with self.lock:
-            if not self._settle(proxy):
-                return
-        broker = self.broker
-        broker.run("nack", [self.queue_name, self.cid, broker.dead_letter_ttl, proxy.tag], retry=True)
-
-    def requeue(self, proxies: Iterable[MessageProxy]) -> None:
-        with self.lock:
-            tags = [proxy.tag for proxy in proxies if self._settle(proxy)]
-        if tags:
-            self.broker.run("requeue", [self.queue_name, self.cid, *tags], retry=True)

@@ -11,7 +11,7 @@ Key layout (``P`` is ``"<namespace>:"``, ``Q`` is ``P .. "q:<queue>:"``):
     Q prio              hash   tag -> priority, for delayed messages whose priority is not 0
     Q msgs              hash   tag -> payload
     Q ids               hash   message id -> tag of its latest enqueue (cancel)
-    Q deliveries        hash   tag -> times delivered
+    Q deliveries        hash   tag -> deliveries that failed (its consumer died or was closed)
     Q seq               string sequence number: FIFO within a priority, and tag uniqueness
     Q notify            list   wake-up tokens for idle consumers (at most NOTIFY_MAX)
     Q consumers         set    ids of the consumers of this queue (in-flight counts)
@@ -21,6 +21,11 @@ Key layout (``P`` is ``"<namespace>:"``, ``Q`` is ``P .. "q:<queue>:"``):
 A *tag* is ``<message id>#<sequence>``: unique per enqueue, so a retry enqueued under
 the same message id while the first delivery is still in flight never shares its payload.
 
+A message's delivery count is one more than its failed deliveries. They are counted
+when a consumer that died or was closed gives the message back, not at every fetch, so
+that the hot path (fetch, ack) works on whole batches with a constant number of
+commands, never one command per message.
+
 Keys are built inside the scripts from the namespace, so these scripts need a single
 Redis primary (not Redis Cluster). Scores and times are formatted with ``%.0f``: Lua's
 default number formatting keeps only 14 digits.
@@ -28,91 +33,30 @@ default number formatting keeps only 14 digits.
 
 from __future__ import annotations
 
-# 2^42: priorities are clamped to +-PRIORITY_LIMIT, so every score stays an exact double.
-SCORE_STEP = 4398046511104
+from .redis_lua import script
+
+# Priorities are clamped to +-PRIORITY_LIMIT, so that every score (-priority * 2^42
+# + sequence) stays below 2^53, an exact double.
 PRIORITY_LIMIT = 1000
-NOTIFY_MAX = 64
 # A message delivered this many times without an ack (the processes holding it died) is
 # held alone: a consumer holds at most one such message at a time, so a job that kills
 # its process cannot take the same innocent messages down with it again and again until
 # MaxDeliveries dead-letters them too. A fetch looks past at most ISOLATE_SCAN of them.
 ISOLATE_AFTER = 2
 ISOLATE_SCAN = 100
-PROMOTE_LIMIT = 1000
 SCRIPTS = ("enqueue", "fetch", "ack", "nack", "requeue", "release", "heartbeat", "stats", "cancel", "purge")
 
-PRELUDE = f"""
-local P = ARGV[1]
-local STEP = {SCORE_STEP}
-local function fmt(n) return string.format('%.0f', n) end
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function qkey(queue) return P .. 'q:' .. queue .. ':' end
-local function score(priority, seq)
-  if seq >= STEP then seq = STEP - 1 end
-  return fmt(-priority * STEP + seq)
-end
-local function notify(Q, n)
-  local room = {NOTIFY_MAX} - redis.call('LLEN', Q .. 'notify')
-  if n > room then n = room end
-  for _ = 1, n do redis.call('RPUSH', Q .. 'notify', '1') end
-end
--- Drop a message's payload and bookkeeping once it has left the queue for good.
-local function forget(Q, tag)
-  redis.call('HDEL', Q .. 'msgs', tag)
-  redis.call('HDEL', Q .. 'deliveries', tag)
-  local mid = string.match(tag, '^(.*)#')
-  if mid and mid ~= '' and redis.call('HGET', Q .. 'ids', mid) == tag then
-    redis.call('HDEL', Q .. 'ids', mid)
-  end
-end
--- Only a tag still in this consumer's in-flight set is settled: if the consumer was
--- presumed dead, its messages were already given to another one.
-local function ack(Q, inflight, tag)
-  if redis.call('ZREM', inflight, tag) == 1 then forget(Q, tag) end
-end
--- A message given back without being handed to an actor does not count as delivered.
-local function undeliver(Q, tag)
-  if redis.call('HINCRBY', Q .. 'deliveries', tag, -1) <= 0 then
-    redis.call('HDEL', Q .. 'deliveries', tag)
-  end
-end
-local function requeue_inflight(Q, inflight)
-  local held = redis.call('ZRANGE', inflight, 0, -1, 'WITHSCORES')
-  for i = 1, #held, 2 do redis.call('ZADD', Q .. 'ready', held[i + 1], held[i]) end
-  redis.call('DEL', inflight)
-  return #held / 2
-end
-local function unregister(Q, cid)
-  redis.call('ZREM', P .. 'heartbeats', cid)
-  redis.call('HDEL', P .. 'consumers', cid)
-  redis.call('SREM', Q .. 'consumers', cid)
-end
-local function promote(Q, now)
-  local due = redis.call('ZRANGEBYSCORE', Q .. 'delayed', '-inf', fmt(now), 'LIMIT', 0, {PROMOTE_LIMIT})
-  if #due == 0 then return 0 end
-  local base = redis.call('INCRBY', Q .. 'seq', #due) - #due
-  for i, tag in ipairs(due) do
-    local priority = tonumber(redis.call('HGET', Q .. 'prio', tag) or '0')
-    redis.call('ZADD', Q .. 'ready', score(priority, base + i), tag)
-  end
-  redis.call('ZREM', Q .. 'delayed', unpack(due))
-  redis.call('HDEL', Q .. 'prio', unpack(due))
-  return #due
-end
-"""
-
 # ARGV: P, queue, then (message id, payload, priority, eta ms or 0) per message.
-ENQUEUE = (
-    PRELUDE
-    + """
+ENQUEUE = script(
+    "fmt now_ms qkey score notify",
+    """
 local queue = ARGV[2]
 local Q = qkey(queue)
 local n = (#ARGV - 2) / 4
-redis.call('SADD', P .. 'queues', queue)
 local seq = redis.call('INCRBY', Q .. 'seq', n) - n
+-- A sequence starting from nothing means a queue sent to for the first time (or whose
+-- keys were lost): register it for cancel() then, rather than on every send.
+if seq == 0 then redis.call('SADD', P .. 'queues', queue) end
 local now = nil
 local ready, delayed = 0, 0
 for i = 3, #ARGV, 4 do
@@ -135,15 +79,18 @@ end
 if delayed > 0 and ready == 0 then ready = 1 end
 notify(Q, ready)
 return n
-"""
+""",
 )
 
 # ARGV: P, queue, consumer id, how many to take, whether the consumer holds a message
-# delivered ISOLATE_AFTER times ('1' or '0'), then tags to ack.
-# Returns {server now ms, earliest eta or '', {tag, payload, delivery count, ...}}.
-FETCH = (
-    PRELUDE
-    + f"local ISOLATE_AFTER, ISOLATE_SCAN = {ISOLATE_AFTER}, {ISOLATE_SCAN}\n"
+# delivered ISOLATE_AFTER times ('1' or '0'), then tags to ack. Returns {server now ms,
+# earliest eta or '', sizes, blob}: for each message taken, ``sizes`` holds its delivery
+# count, tag length and payload length (space-separated), and ``blob`` its tag then its
+# payload. Four reply elements however many messages: parsing one element per message
+# would cost the client more than the rest of the fetch.
+FETCH = script(
+    "fmt now_ms qkey notify ack promote",
+    f"local ISOLATE_AFTER, ISOLATE_SCAN = {ISOLATE_AFTER}, {ISOLATE_SCAN}\n"
     + """
 local queue, cid, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local isolated = ARGV[5] == '1'
@@ -154,67 +101,78 @@ if redis.call('ZADD', P .. 'heartbeats', fmt(now), cid) == 1 then
   redis.call('HSET', P .. 'consumers', cid, queue)
   redis.call('SADD', Q .. 'consumers', cid)
 end
-for i = 6, #ARGV do ack(Q, inflight, ARGV[i]) end
-promote(Q, now)
-local out = {}
-local skipped = 0  -- much-delivered messages left at the head for other consumers
-local taken = 0
-while taken < count and skipped <= ISOLATE_SCAN do
-  local head = redis.call('ZRANGE', Q .. 'ready', skipped, skipped + count - taken - 1, 'WITHSCORES')
-  if #head == 0 then break end
-  local gone = {}
-  for i = 1, #head, 2 do
-    local tag = head[i]
-    local n = tonumber(redis.call('HGET', Q .. 'deliveries', tag) or '0')
+local acks = {}
+for i = 6, #ARGV do acks[#acks + 1] = ARGV[i] end
+ack(Q, inflight, acks)
+local first = redis.call('ZRANGE', Q .. 'delayed', 0, 0, 'WITHSCORES')
+if first[2] and tonumber(first[2]) <= now then
+  promote(Q, now)
+  first = redis.call('ZRANGE', Q .. 'delayed', 0, 0, 'WITHSCORES')
+end
+-- Failed deliveries are rare: most of the time there is no count to read or clear.
+local any_failed = redis.call('EXISTS', Q .. 'deliveries') == 1
+local taken, sizes, blob, held, skipped = 0, {}, {}, {}, {}
+while taken < count and #skipped / 2 <= ISOLATE_SCAN do
+  local popped = redis.call('ZPOPMIN', Q .. 'ready', count - taken)
+  if #popped == 0 then break end
+  local tags = {}
+  for i = 1, #popped / 2 do tags[i] = popped[2 * i - 1] end
+  local stored = batch('HMGET', Q .. 'msgs', tags)
+  local failed = any_failed and batch('HMGET', Q .. 'deliveries', tags) or {}
+  local lost = {}
+  for k, tag in ipairs(tags) do
+    local n = tonumber(failed[k]) or 0
     if n >= ISOLATE_AFTER and isolated then
-      skipped = skipped + 1
-    else
-      gone[#gone + 1] = tag
-      local data = redis.call('HGET', Q .. 'msgs', tag)
-      if data then
-        if n >= ISOLATE_AFTER then isolated = true end
-        redis.call('ZADD', inflight, head[i + 1], tag)
-        out[#out + 1] = tag
-        out[#out + 1] = data
-        out[#out + 1] = redis.call('HINCRBY', Q .. 'deliveries', tag, 1)
-        taken = taken + 1
-      else
-        redis.call('HDEL', Q .. 'deliveries', tag)
-      end
+      -- Left for other consumers, at its place (put back below).
+      skipped[#skipped + 1] = popped[2 * k]
+      skipped[#skipped + 1] = tag
+    elseif stored[k] then
+      if n >= ISOLATE_AFTER then isolated = true end
+      held[#held + 1] = popped[2 * k]
+      held[#held + 1] = tag
+      taken = taken + 1
+      sizes[#sizes + 1] = (n + 1) .. ' ' .. #tag .. ' ' .. #stored[k]
+      blob[#blob + 1] = tag
+      blob[#blob + 1] = stored[k]
+    elseif n > 0 then
+      lost[#lost + 1] = tag
     end
   end
-  if #gone > 0 then redis.call('ZREM', Q .. 'ready', unpack(gone)) end
+  batch('HDEL', Q .. 'deliveries', lost)
 end
 -- Work is left that this consumer did not take: let an idle one know (not for what it
 -- skipped, or it would wake itself for ever).
-if redis.call('ZCARD', Q .. 'ready') > skipped then notify(Q, 1) end
-local first = redis.call('ZRANGE', Q .. 'delayed', 0, 0, 'WITHSCORES')
-return {now, first[2] or '', out}
-"""
+if redis.call('ZCARD', Q .. 'ready') > 0 then notify(Q, 1) end
+batch('ZADD', Q .. 'ready', skipped)
+batch('ZADD', inflight, held)
+return {now, first[2] or '', table.concat(sizes, ' '), table.concat(blob)}
+""",
 )
 
 # ARGV: P, queue, consumer id, tags to ack.
-ACK = (
-    PRELUDE
-    + """
+ACK = script(
+    "qkey ack",
+    """
 local Q = qkey(ARGV[2])
 local inflight = P .. 'c:' .. ARGV[3]
-for i = 4, #ARGV do ack(Q, inflight, ARGV[i]) end
+local acks = {}
+for i = 4, #ARGV do acks[#acks + 1] = ARGV[i] end
+ack(Q, inflight, acks)
 return 1
-"""
+""",
 )
 
 # ARGV: P, queue, consumer id, dead-letter TTL ms, tag. Returns 1 if dead-lettered.
-NACK = (
-    PRELUDE
-    + """
+NACK = script(
+    "fmt now_ms qkey forget",
+    """
 local Q = qkey(ARGV[2])
 local inflight = P .. 'c:' .. ARGV[3]
 local ttl, tag = tonumber(ARGV[4]), ARGV[5]
 if redis.call('ZREM', inflight, tag) == 0 then return 0 end
 local now = now_ms()
 local data = redis.call('HGET', Q .. 'msgs', tag)
-forget(Q, tag)
+forget(Q, {tag})
 if data then
   redis.call('ZADD', Q .. 'dead', fmt(now), tag)
   redis.call('HSET', Q .. 'dead_msgs', tag, data)
@@ -229,14 +187,15 @@ end
 redis.call('PEXPIRE', Q .. 'dead', ttl)
 redis.call('PEXPIRE', Q .. 'dead_msgs', ttl)
 return 1
-"""
+""",
 )
 
-# A graceful give-back. ARGV: P, queue, consumer id, tags. The delivery is undone: the
-# count is there to catch messages whose worker died, not ones handed back on purpose.
-REQUEUE = (
-    PRELUDE
-    + """
+# A graceful give-back. ARGV: P, queue, consumer id, tags. The delivery does not count as
+# failed: the count is there to catch messages whose worker died, not ones handed back
+# on purpose.
+REQUEUE = script(
+    "qkey notify",
+    """
 local Q = qkey(ARGV[2])
 local inflight = P .. 'c:' .. ARGV[3]
 local n = 0
@@ -246,40 +205,48 @@ for i = 4, #ARGV do
   if s then
     redis.call('ZREM', inflight, tag)
     redis.call('ZADD', Q .. 'ready', s, tag)
-    undeliver(Q, tag)
     n = n + 1
   end
 end
 notify(Q, n)
 return n
-"""
+""",
 )
 
 # Closing a consumer. ARGV: P, queue, consumer id, number of acks, acks, then tags
-# never handed out. Everything else still in flight goes back to the queue.
-RELEASE = (
-    PRELUDE
-    + """
+# never handed out, which go back as they were. Everything else still in flight goes
+# back as a failed delivery.
+RELEASE = script(
+    "qkey notify ack requeue_inflight unregister",
+    """
 local queue, cid, nacks = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local Q = qkey(queue)
 local inflight = P .. 'c:' .. cid
-for i = 5, 4 + nacks do ack(Q, inflight, ARGV[i]) end
+local acks = {}
+for i = 5, 4 + nacks do acks[#acks + 1] = ARGV[i] end
+ack(Q, inflight, acks)
+local n = 0
 for i = 5 + nacks, #ARGV do
-  if redis.call('ZSCORE', inflight, ARGV[i]) then undeliver(Q, ARGV[i]) end
+  local s = redis.call('ZSCORE', inflight, ARGV[i])
+  if s then
+    redis.call('ZREM', inflight, ARGV[i])
+    redis.call('ZADD', Q .. 'ready', s, ARGV[i])
+    n = n + 1
+  end
 end
-local n = requeue_inflight(Q, inflight)
+n = n + requeue_inflight(Q, inflight)
 unregister(Q, cid)
 notify(Q, n)
 return n
-"""
+""",
 )
 
 # ARGV: P, heartbeat timeout ms (0: do not recover others), then (consumer id, queue)
 # pairs to beat for. Beats first, then gives back the messages of up to 20 consumers
 # whose heartbeat is older than the timeout. Returns {re-registered ids, recovered}.
-HEARTBEAT = (
-    PRELUDE
-    + """
+HEARTBEAT = script(
+    "fmt now_ms qkey notify requeue_inflight unregister",
+    """
 local timeout = tonumber(ARGV[2])
 local now = now_ms()
 local missing = {}
@@ -309,13 +276,13 @@ if timeout > 0 then
   end
 end
 return {missing, recovered}
-"""
+""",
 )
 
 # ARGV: P, queue, dead-letter TTL ms. Returns {ready, delayed, in flight, dead}.
-STATS = (
-    PRELUDE
-    + """
+STATS = script(
+    "fmt now_ms qkey",
+    """
 local Q = qkey(ARGV[2])
 local now = now_ms()
 local due = redis.call('ZCOUNT', Q .. 'delayed', '-inf', fmt(now))
@@ -327,13 +294,13 @@ for _, cid in ipairs(redis.call('SMEMBERS', Q .. 'consumers')) do
 end
 local dead = redis.call('ZCOUNT', Q .. 'dead', fmt(now - tonumber(ARGV[3])), '+inf')
 return {ready, delayed, inflight, dead}
-"""
+""",
 )
 
 # ARGV: P, message id, then queue names (none: every known queue). Returns 1 if removed.
-CANCEL = (
-    PRELUDE
-    + """
+CANCEL = script(
+    "qkey forget",
+    """
 local mid = ARGV[2]
 local queues = {}
 for i = 3, #ARGV do queues[#queues + 1] = ARGV[i] end
@@ -343,31 +310,31 @@ for _, queue in ipairs(queues) do
   local tag = redis.call('HGET', Q .. 'ids', mid)
   if tag and (redis.call('ZREM', Q .. 'ready', tag) == 1 or redis.call('ZREM', Q .. 'delayed', tag) == 1) then
     redis.call('HDEL', Q .. 'prio', tag)
-    forget(Q, tag)
+    forget(Q, {tag})
     return 1
   end
 end
 return 0
-"""
+""",
 )
 
 # ARGV: P, queue, limit. Drops up to ``limit`` ready/delayed messages; once none are
 # left, the dead letters too. Returns how many were dropped (call until 0).
-PURGE = (
-    PRELUDE
-    + """
+PURGE = script(
+    "qkey batch forget",
+    """
 local Q = qkey(ARGV[2])
 local limit = tonumber(ARGV[3])
 for _, name in ipairs({'ready', 'delayed'}) do
   local tags = redis.call('ZRANGE', Q .. name, 0, limit - 1)
   if #tags > 0 then
-    redis.call('ZREM', Q .. name, unpack(tags))
-    if name == 'delayed' then redis.call('HDEL', Q .. 'prio', unpack(tags)) end
-    for _, tag in ipairs(tags) do forget(Q, tag) end
+    batch('ZREM', Q .. name, tags)
+    if name == 'delayed' then batch('HDEL', Q .. 'prio', tags) end
+    forget(Q, tags)
     return #tags
   end
 end
 redis.call('DEL', Q .. 'dead', Q .. 'dead_msgs', Q .. 'notify')
 return 0
-"""
+""",
 )

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from djqueue import Message, Worker, actor
+from djqueue.brokers import redis_runner
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.redis import RedisBroker
 from djqueue.errors import ConfigurationError, ConnectionError
@@ -218,6 +219,39 @@ def test_two_consumers_never_get_the_same_message(make_broker, queue):
         thread.join(60)
     assert len(seen) == len(set(seen)) == 1000
     assert set(seen) == sent
+
+
+def test_much_delivered_messages_are_held_one_at_a_time(make_broker, queue):
+    broker = make_broker()
+    broker.enqueue_many([make_message(queue, n) for n in range(3)])
+    for delivery in (1, 2):  # each time, the consumer is closed while holding all three
+        consumer = broker.consume(queue, prefetch=3, timeout=100)
+        held = [take(consumer) for _ in range(3)]
+        assert [p.delivery_count for p in held] == [delivery] * 3
+        consumer.close()
+    consumer = broker.consume(queue, prefetch=3, timeout=100)
+    for n in range(3):
+        proxy = take(consumer)
+        assert (proxy.message.args[0], proxy.delivery_count) == (n, 3), "in order, counted"
+        assert next(consumer) is None, "another much-delivered message came with it"
+        consumer.ack(proxy)
+    consumer.close()
+    assert settled(broker, queue)
+
+
+def test_a_fetch_and_an_ack_of_thousands_of_messages(make_broker, queue, raw, namespace):
+    # Beyond what Lua's unpack() takes in one call: the scripts pass long lists in slices.
+    broker = make_broker()
+    count = 5000
+    broker.enqueue_many([make_message(queue, n) for n in range(count)])
+    consumer = broker.consume(queue, prefetch=count, timeout=100)
+    got = [take(consumer) for _ in range(count)]
+    assert [p.message.args[0] for p in got] == list(range(count))
+    assert broker.get_queue_stats(queue) == (0, 0, count, 0)
+    broker.run("ack", [queue, consumer.cid, *(p.tag for p in got)])  # one call, as a flush is
+    assert settled(broker, queue)
+    assert leftover(raw, namespace, queue) == {}
+    consumer.close()
 
 
 # -- heartbeats --------------------------------------------------------------------------------
@@ -554,6 +588,66 @@ def test_a_worker_recovers_when_redis_comes_back(make_broker, queue, private_red
     finally:
         worker.stop(timeout=5_000)
     assert done == [1, 3]
+
+
+def test_scripts_are_loaded_again_after_a_script_flush(make_broker, queue, private_redis):
+    url, _, _ = private_redis
+    broker = make_broker(url)
+    server = redis.Redis.from_url(url)
+    broker.enqueue(make_message(queue, 1))
+    server.script_flush()
+    broker.enqueue(make_message(queue, 2))
+    server.script_flush()
+    # Two queues: two script calls in one pipelined round trip.
+    broker.enqueue_many([make_message(name, n) for name in (queue, queue + "_b") for n in (3, 4)])
+    server.close()
+    consumer = broker.consume(queue, prefetch=10, timeout=100)
+    assert [take(consumer).message.args[0] for _ in range(4)] == [1, 2, 3, 4]
+    consumer.close()
+
+
+def test_connections_the_server_closed_are_replaced_before_use(
+    make_broker, queue, private_redis, monkeypatch
+):
+    url, _, _ = private_redis
+    monkeypatch.setattr(redis_runner, "IDLE_CHECK", 0.0)  # check every connection taken
+    broker = make_broker(url)
+    broker.enqueue(make_message(queue, 1))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    consumer.ack(take(consumer))
+    broker.enqueue(make_message(queue, 2))
+    heartbeat = broker._heartbeat
+    assert heartbeat is not None
+    heartbeat.stop.set()  # its next beat, failing, would drop the dead connections first
+    heartbeat.join()
+    server = redis.Redis.from_url(url)
+    server.client_kill_filter(_type="normal", skipme=True)  # as a restart or client timeout would
+    server.close()
+    # A fetch is never retried (its reply could be lost), so it must not go out on a
+    # connection the server already closed.
+    proxy = take(consumer)
+    assert proxy.message.args == (2,)
+    consumer.ack(proxy)
+    broker.enqueue(make_message(queue, 3))
+    consumer.close()
+    assert broker.get_queue_stats(queue).ready == 1
+
+
+def test_a_forked_child_uses_connections_of_its_own(make_broker, queue):
+    broker = make_broker()
+    broker.enqueue(make_message(queue, "before"))  # the parent now holds a connection
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            for n in range(100):
+                broker.enqueue(make_message(queue, ("child", n)))
+        finally:
+            os._exit(0 if broker.get_queue_stats(queue).ready >= 101 else 1)
+    for n in range(100):
+        broker.enqueue(make_message(queue, ("parent", n)))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert broker.get_queue_stats(queue).ready == 201
 
 
 # -- end to end --------------------------------------------------------------------------------

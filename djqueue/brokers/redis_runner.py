@@ -1,0 +1,160 @@
+"""Runs the Redis broker's Lua scripts with as little client work per call as possible.
+
+redis-py's general path costs several loopback round trips' worth of Python per call
+(a pool checkout that polls the socket, argument encoding, instrumentation), which is
+most of the cost of a send. Every broker call is one known script, so here a call is
+one ``EVALSHA`` packed straight into RESP from a constant per-script prefix, sent on a
+connection this runner keeps checked out of redis-py's pool between calls. Connecting,
+TLS, authentication, timeouts and reply parsing stay redis-py's.
+
+A connection that sat unused for over IDLE_CHECK is polled before use, as redis-py's
+pool does on every checkout: one the server closed meanwhile (a restart, its client
+``timeout``, ``CLIENT KILL``) is reconnected before anything is sent on it. A call
+that fails drops its connection and every idle one (after a restart they are all
+dead), so that the broker's retry of a call that is safe to repeat gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+# Seconds a connection may sit unused before it is checked for a server-side close.
+IDLE_CHECK = 0.1
+
+
+def _bulk(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, int):  # bool too
+        data = b"%d" % value
+    else:
+        raise TypeError(f"cannot pass {type(value).__name__} to a Redis script: {value!r}")
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class ScriptRunner:
+    """Runs named scripts; ``prefix`` is passed as every script's first argument."""
+
+    def __init__(self, client: Any, prefix: str, sources: Mapping[str, str]) -> None:
+        from redis.exceptions import NoScriptError, ResponseError
+
+        self._no_script = NoScriptError
+        self._response_error = ResponseError
+        self.pool = client.connection_pool
+        self.sources = dict(sources)
+        self.shas = {
+            name: hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+            for name, source in sources.items()
+        }
+        # Everything before a call's own arguments: the command, the sha, no keys, the prefix.
+        self.heads = {
+            name: _bulk("EVALSHA") + _bulk(sha) + _bulk(0) + _bulk(prefix) for name, sha in self.shas.items()
+        }
+        # Connections checked out of the pool and free to use, with when they were last used.
+        self.idle: list[tuple[Any, float]] = []
+        self.pid = os.getpid()
+
+    def pack(self, name: str, args: Sequence[Any]) -> bytes:
+        return b"".join([b"*%d\r\n" % (len(args) + 4), self.heads[name], *map(_bulk, args)])
+
+    def run(self, name: str, args: Sequence[Any]) -> Any:
+        """Run one script and return its reply; raises redis-py's exceptions."""
+        packed = [self.pack(name, args)]
+        connection = self._take()
+        try:
+            try:
+                connection.send_packed_command(packed)
+                reply = connection.read_response(disable_decoding=True)
+            except self._no_script:
+                self._load(connection, {name})
+                connection.send_packed_command(packed)
+                reply = connection.read_response(disable_decoding=True)
+        except self._response_error:  # an error reply: the connection is still in step
+            self.idle.append((connection, time.monotonic()))
+            raise
+        except BaseException:
+            self._drop(connection)
+            raise
+        self.idle.append((connection, time.monotonic()))
+        return reply
+
+    def run_many(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Run scripts in one pipelined round trip and return their replies, in order.
+        If any failed, raises the first error once every reply has been read."""
+        packed = [self.pack(name, args) for name, args in calls]
+        connection = self._take()
+        try:
+            replies = self._exchange(connection, packed)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, self._no_script)]
+            if missing:
+                self._load(connection, {calls[i][0] for i in missing})
+                again = self._exchange(connection, [packed[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except BaseException:
+            self._drop(connection)
+            raise
+        self.idle.append((connection, time.monotonic()))
+        for reply in replies:
+            if isinstance(reply, self._response_error):
+                raise reply
+        return replies
+
+    def _exchange(self, connection: Any, packed: list[bytes]) -> list[Any]:
+        connection.send_packed_command(packed)
+        replies: list[Any] = []
+        for _ in packed:
+            try:
+                replies.append(connection.read_response(disable_decoding=True))
+            except self._response_error as e:  # an error reply: the connection is still in step
+                replies.append(e)
+        return replies
+
+    def _load(self, connection: Any, names: Iterable[str]) -> None:
+        # Redis restarted, or its script cache was flushed.
+        for name in names:
+            connection.send_command("SCRIPT", "LOAD", self.sources[name], check_health=False)
+            connection.read_response()
+
+    def _take(self) -> Any:
+        if self.pid != os.getpid():
+            # A forked child must not share its parent's sockets; the pool resets itself.
+            self.idle, self.pid = [], os.getpid()
+        try:
+            connection, since = self.idle.pop()
+        except IndexError:
+            return self.pool.get_connection()
+        if time.monotonic() - since > IDLE_CHECK:
+            try:
+                # Readable means closed by the server (or out of step): start afresh.
+                stale = connection.can_read()
+            except Exception:
+                stale = True
+            if stale:
+                connection.disconnect()
+        return connection
+
+    def _drop(self, connection: Any) -> None:
+        # It may hold unread replies: never use it again. After a failure the idle ones
+        # are likely dead too (a restart), so that a retry starts afresh.
+        self._release(connection)
+        self.close()
+
+    def _release(self, connection: Any) -> None:
+        connection.disconnect()
+        self.pool.release(connection)
+
+    def close(self) -> None:
+        """Give every idle connection back to the pool, disconnected."""
+        while True:
+            try:  # one pop at a time: another thread may be taking one meanwhile
+                connection, _ = self.idle.pop()
+            except IndexError:
+                return
+            self._release(connection)
