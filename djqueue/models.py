@@ -131,7 +131,7 @@ class QueuedMessage(models.Model):
     the end of its lease while a worker holds it, so one indexed range scan finds both
     new and abandoned messages. ``lease_owner`` names the consumer holding the row (None
     while it waits); ``delivery_count`` counts the claims (a requeue takes one back).
-    The SQL that changes these rows is in djqueue/brokers/database.py.
+    The SQL that changes these rows is in djqueue/brokers/database_sql.py.
     """
 
     id = models.BigAutoField(primary_key=True)

@@ -103,7 +103,7 @@ def test_an_ack_is_deleted_promptly_and_never_before_it_is_made(make, alias, que
 def test_two_consumers_never_claim_the_same_message(make, queue):
     sent = {m.message_id for m in make().enqueue_many([message(queue, n) for n in range(300)])}
     held: list[list[str]] = [[], []]
-    start = threading.Barrier(2)
+    start, stop = threading.Barrier(2), threading.Barrier(2)
 
     def consume(index: int) -> None:
         # Each consumer is its own broker, as in two processes; neither acks, so each
@@ -115,6 +115,9 @@ def test_two_consumers_never_claim_the_same_message(make, queue):
             proxy = next(consumer)
             if proxy is not None:
                 held[index].append(proxy.message_id)
+        # Closing gives the held messages back: the other consumer, still fetching,
+        # would rightly take them.
+        stop.wait(30)
         consumer.close()
 
     threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
@@ -329,6 +332,45 @@ def test_sqlite_consumer_sees_another_process_message_within_the_poll_interval(m
     proxy = take(consumer)
     assert time.monotonic() - sent < 0.5
     consumer.ack(proxy)
+    consumer.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_short_claim_is_one_statement_and_still_wakes_for_the_next_delayed_message(make, queue):
+    # Nothing notifies when a delayed message comes due: the claim that came up short
+    # must have learnt when (in the same statement), or the consumer sleeps 10 s.
+    broker = make()
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    assert next(consumer) is None  # connected, and idle
+    statements: list[str] = []
+    wrapper = consumer.db.wrapper
+    with wrapper.execute_wrapper(lambda execute, sql, *args: statements.append(sql) or execute(sql, *args)):
+        broker.enqueue(message(queue, "now"))
+        delayed = broker.enqueue(message(queue, "later"), delay=400)
+        sent = time.monotonic()
+        assert take(consumer).message.args == ("now",)
+        assert len(statements) == 1, statements
+        proxy = take(consumer, timeout=5)
+    assert proxy.message_id == delayed.message_id
+    assert 0.3 < time.monotonic() - sent < 2.0
+    consumer.close()
+
+
+@pytest.mark.parametrize("alias", ["default"])
+def test_idle_sqlite_consumer_sees_a_commit_long_before_its_poll_interval(make, queue):
+    # It reads SQLite's change counter five times per poll interval and looks at once
+    # when another connection (here another "process") committed.
+    producer, broker = make(), make(poll_interval=3000)
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    assert next(consumer) is None  # it looked, found nothing, and is idle
+    for n in range(3):
+        time.sleep(0.05)
+        sent = time.monotonic()
+        producer.enqueue(message(queue, n))
+        proxy = take(consumer)
+        assert time.monotonic() - sent < 1.5, "waited for the full poll interval"
+        consumer.ack(proxy)
     consumer.close()
 
 

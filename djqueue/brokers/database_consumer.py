@@ -1,0 +1,390 @@
+"""The consuming side of the database broker: a consumer per queue, on a connection of its own.
+
+A consumer claims due rows in batches of up to its free prefetch slots (database_sql.py)
+and hands them out one by one. Acks are buffered: the consumer deletes them with its
+next claim, the broker's maintenance thread (database_threads.py) those that waited
+``ACK_FLUSH_INTERVAL``. An idle consumer sleeps until it is woken (a notification on
+PostgreSQL, an ack, a local enqueue) or its next look is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.db import DatabaseError, InterfaceError, OperationalError, connections
+
+from ..errors import BrokerError, DecodeError
+from ..message import Message, current_millis
+from .base import Consumer, MessageProxy
+from .database_sql import ISOLATE_AFTER, Claimed, data_version, is_locked
+
+if TYPE_CHECKING:
+    from .database import DatabaseBroker
+
+logger = logging.getLogger("djqueue.broker.database")
+
+T = TypeVar("T")
+
+# An idle PostgreSQL consumer looks at its queue at least this often (s), in case a
+# notification was lost with the LISTEN connection; NOTIFY does the real work.
+MAX_IDLE = 10.0
+# An idle SQLite consumer reads SQLite's change counter this many times per poll
+# interval (but at most every 2 ms), and looks for work as soon as another connection
+# has committed: SQLite cannot notify other processes, and this read touches no table
+# and takes no lock. The full look every poll interval finds what comes due by time.
+CHANGE_CHECKS = 5
+# Acks and nacks wait at most about this long (s) to be deleted in one statement.
+ACK_FLUSH_INTERVAL = 0.05
+# A consumer with only a few free slots waits this long (s) for more before claiming.
+BATCH_WINDOW = 0.005
+
+
+class Connection:
+    """A connection of the consumer's own to the alias, never a thread's Django connection.
+
+    Claims, acks and heartbeats thus stay out of callers' transactions and survive
+    ``close_old_connections()`` in worker threads, and acking opens no connection in a
+    worker thread. Usable from any thread, one at a time.
+    """
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.lock = threading.Lock()
+        self.wrapper: Any = None
+        self.closed = False
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        with self.lock:
+            if self.closed:
+                raise InterfaceError("the consumer is closed")
+            try:
+                if self.wrapper is None:
+                    self.wrapper = connections.create_connection(self.alias)
+                    self.wrapper.inc_thread_sharing()
+                    if self.wrapper.vendor == "postgresql":
+                        # Claims, acks and heartbeats need not wait for the WAL to reach
+                        # the disk: if the server crashes and loses the last of them, the
+                        # message is delivered again, as at-least-once allows. Enqueues
+                        # (on the caller's connection) stay durable.
+                        with self.wrapper.cursor() as cursor:
+                            cursor.execute("SET synchronous_commit TO OFF")
+                with self.wrapper.cursor() as cursor:
+                    return work(cursor)
+            except DatabaseError as e:
+                if not is_locked(e):
+                    self._close()  # it may be broken: reconnect on next use
+                raise
+
+    def data_version(self) -> int | None:
+        """SQLite's change counter, read on the DB-API connection itself (an idle
+        consumer reads it many times a second); None if not connected or it failed."""
+        with self.lock:
+            if self.wrapper is None or self.wrapper.connection is None:
+                return None
+            try:
+                return data_version(self.wrapper.connection)
+            except Exception:
+                return None  # the full look that follows reports what went wrong
+
+    def close(self) -> None:
+        """Close for good."""
+        with self.lock:
+            self.closed = True
+            self._close()
+
+    def _close(self) -> None:
+        wrapper, self.wrapper = self.wrapper, None
+        if wrapper is not None:
+            try:
+                wrapper.close()
+            except DatabaseError:
+                pass
+
+
+class DatabaseConsumer(Consumer):
+    def __init__(self, broker: DatabaseBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.broker = broker
+        self.sql = broker.sql
+        self.queue_name = queue_name
+        self.prefetch = max(1, prefetch)
+        self.low_water = max(1, self.prefetch // 2)
+        self.timeout = timeout / 1000
+        self.owner = uuid.uuid4().hex
+        self.db = Connection(broker.alias)
+        self.cond = threading.Condition()
+        self.held: set[int] = set()  # claimed and not settled, including those in ready
+        self.isolated: int | None = None  # the held message delivered over ISOLATE_AFTER times
+        self.ready: deque[MessageProxy] = deque()
+        self.acks: list[int] = []
+        self.acks_since = 0.0
+        self.notified = True  # look at once
+        # The last look found fewer due messages than it asked for (or none was made).
+        self.drained = True
+        self.wake_at = 0.0
+        self.partial_at: float | None = None
+        self.closed = False
+        self.failures = 0
+        # SQLite, while drained: when to read the change counter next, and its value
+        # before the last look (None: unknown, look in full).
+        self.check_every: float | None = None
+        if broker.vendor == "sqlite" and broker.poll_interval >= 4:
+            self.check_every = max(broker.poll_interval / CHANGE_CHECKS, 2) / 1000
+        self.check_at = float("inf")
+        self.version: int | None = None
+
+    def __next__(self) -> MessageProxy | None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self.cond:
+                if self.ready:
+                    return self.ready.popleft()
+                now = time.monotonic()
+                count, until = self._plan(now)
+                if not count:
+                    if now >= deadline or self.closed:
+                        return None
+                    self.cond.wait(min(deadline, until) - now)
+                    continue
+                # Only a change check, unless something else asks for a full look.
+                check_only = not self.notified and self.drained and now < self.wake_at
+                # Cleared before claiming: a notification arriving meanwhile claims again.
+                self.notified = False
+                self.partial_at = None
+                acks, self.acks = ([], self.acks) if check_only else (self.acks, [])
+                fresh_only = self.isolated is not None
+                idle = self.drained
+            if check_only:
+                self._check(now)
+            else:
+                self._claim(count, acks, fresh_only, idle)
+
+    def _plan(self, now: float) -> tuple[int, float]:
+        """How many messages to claim now, or (0, when to look again)."""
+        free = self.prefetch - len(self.held)
+        if free <= 0 or self.closed:
+            return 0, float("inf")  # an ack or requeue wakes us
+        if self.notified or (self.drained and now >= min(self.wake_at, self.check_at)):
+            return free, now
+        if self.drained:
+            return 0, min(self.wake_at, self.check_at)
+        # Work is flowing: claim at least half the prefetch at a time, unless a few slots
+        # have stayed free for BATCH_WINDOW.
+        if free >= self.low_water:
+            return free, now
+        if self.partial_at is None:
+            self.partial_at = now + BATCH_WINDOW
+        return (free, now) if now >= self.partial_at else (0, self.partial_at)
+
+    def _check(self, now: float) -> None:
+        """SQLite, idle: look in full at once if another connection committed since the
+        last look (a new message, perhaps), else check again later."""
+        assert self.check_every is not None
+        version = self.db.data_version()
+        with self.cond:
+            self.check_at = now + self.check_every
+            if version is None or version != self.version:
+                self.notified = True
+
+    def _claim(self, count: int, acks: list[int], fresh_only: bool, idle: bool) -> None:
+        now = current_millis()
+        # Only an idle consumer asks when the next message comes due (it costs the
+        # database some planning): while work flows, claims come back full, and the
+        # one that first comes up short is followed at once by a look that asks.
+        next_due = self.broker.listen and idle
+        claim = partial(
+            self.sql.claim,
+            queue=self.queue_name,
+            owner=self.owner,
+            count=count,
+            now=now,
+            lease_end=now + self.broker.lease,
+            acks=acks,
+            fresh_only=fresh_only,
+            next_due=next_due,
+        )
+
+        def work(cursor: Any) -> tuple[int | None, Claimed]:
+            # The change counter before the look: a commit after it shows as a change.
+            version = data_version(cursor.db.connection) if self.check_every else None
+            return version, claim(cursor)
+
+        try:
+            version, (rows, due_at) = self.db.run(work)
+        except DatabaseError as e:
+            with self.cond:
+                self.acks[:0] = acks
+                self.version = None
+            self._failed(e)
+            return
+        self.failures = 0
+        proxies = [self._proxy(row_id, bytes(payload), n) for row_id, payload, n in rows]
+        with self.cond:
+            self.version = version
+            if self.closed:  # closed from another thread meanwhile: give them back
+                orphans = [p.tag for p in proxies]
+                proxies = []
+            else:
+                orphans = []
+                for proxy in proxies:
+                    if proxy.delivery_count > ISOLATE_AFTER:
+                        if self.isolated is not None:
+                            orphans.append(proxy.tag)  # for another consumer; not a delivery
+                            continue
+                        self.isolated = proxy.tag
+                    self.held.add(proxy.tag)
+                    self.ready.append(proxy)
+            self.drained = len(rows) < count
+            if self.drained:
+                if not self.broker.listen:
+                    self.wake_at = time.monotonic() + self.broker.poll_interval / 1000
+                elif not next_due:
+                    self.wake_at = time.monotonic()  # the queue just ran dry: ask when it is due
+                else:
+                    due_in = MAX_IDLE if due_at is None else max(0, due_at - current_millis()) / 1000
+                    self.wake_at = time.monotonic() + min(due_in, MAX_IDLE)
+                if self.check_every is not None:
+                    self.check_at = time.monotonic() + self.check_every
+            else:
+                self.check_at = float("inf")
+        self._give_back(orphans)
+
+    def _failed(self, error: DatabaseError) -> None:
+        if is_locked(error):
+            # SQLite is busy: look again soon, with jitter so that claimers spread out.
+            self._retry_in(random.uniform(0.01, 0.05))
+            return
+        if not isinstance(error, OperationalError | InterfaceError) or self.closed:
+            raise BrokerError(
+                f"claiming from {self.queue_name!r} on db://{self.broker.alias} failed: {error}"
+            )
+        # The database is unreachable. Raising would make the worker close this
+        # consumer and give back the messages its threads are running, so wait
+        # and try again; the held messages' leases last as long as the outage allows.
+        self.failures += 1
+        delay = min(0.1 * 2**self.failures, 5.0)
+        logger.warning(
+            "database broker: cannot claim from %r on db://%s (%s); trying again in %.1f s",
+            self.queue_name,
+            self.broker.alias,
+            error,
+            delay,
+        )
+        self._retry_in(delay)
+
+    def _retry_in(self, seconds: float) -> None:
+        with self.cond:
+            self.drained, self.wake_at, self.check_at = True, time.monotonic() + seconds, float("inf")
+
+    def _proxy(self, row_id: int, data: bytes, delivery_count: int) -> MessageProxy:
+        try:
+            message = Message.decode(data)
+        except DecodeError as e:
+            return MessageProxy.malformed(data, e, self.queue_name, tag=row_id, delivery_count=delivery_count)
+        return MessageProxy(message, data=data, tag=row_id, delivery_count=delivery_count)
+
+    def wake(self) -> None:
+        with self.cond:
+            self.notified = True
+            self.cond.notify_all()
+
+    def ack(self, proxy: MessageProxy) -> None:
+        # Buffered, never sent from the worker thread: the consumer thread deletes acked
+        # rows with its next claim, the maintenance thread those that waited
+        # ACK_FLUSH_INTERVAL, and close() the rest.
+        with self.cond:
+            if proxy.tag not in self.held:
+                return
+            self.held.discard(proxy.tag)
+            if proxy.tag == self.isolated:
+                self._release_isolated()
+            self.acks.append(proxy.tag)
+            first = len(self.acks) == 1
+            if first:
+                self.acks_since = time.monotonic()
+            if self.prefetch - len(self.held) in (1, self.low_water):
+                self.cond.notify_all()
+        if first:
+            maintenance = self.broker._maintenance
+            if maintenance is not None:
+                maintenance.poke()
+
+    # The DeadLetters middleware wrote the DeadLetter row (the database broker's dead
+    # letter store) before nack is called: the queued row just goes, like an ack.
+    nack = ack
+
+    def flush_acks(self, older_than: float | None = None) -> bool:
+        """Delete acked rows now (or only once the oldest ack is ``older_than`` s old);
+        True if acks are still waiting."""
+        with self.cond:
+            if not self.acks:
+                return False
+            if older_than is not None and time.monotonic() - self.acks_since < older_than:
+                return True
+            acks, self.acks = self.acks, []
+        try:
+            self.db.run(partial(self.sql.delete, acks, self.owner))
+        except DatabaseError:
+            with self.cond:
+                self.acks[:0] = acks
+            raise
+        return False
+
+    def requeue(self, proxies: Iterable[MessageProxy]) -> None:
+        with self.cond:
+            ids = [p.tag for p in proxies if p.tag in self.held]
+            self.held.difference_update(ids)
+            if self.isolated in ids:
+                self._release_isolated()
+            self.cond.notify_all()
+        self._give_back(ids)
+
+    def _release_isolated(self) -> None:
+        # Under the cond: look at once for the next much-delivered message we skipped.
+        self.isolated = None
+        self.notified = True
+        self.cond.notify_all()
+
+    def _give_back(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        self.db.run(partial(self.sql.requeue, ids, self.owner, self.queue_name, current_millis()))
+        if not self.broker.listen:
+            self.broker.wake(self.queue_name)
+
+    def renew(self) -> None:
+        """The heartbeat: push the lease of every held message to now + lease."""
+        with self.cond:
+            ids = list(self.held)
+        if ids:
+            self.db.run(partial(self.sql.renew, ids, self.owner, current_millis() + self.broker.lease))
+
+    def close(self) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            ids = list(self.held)
+            self.held.clear()
+            self.isolated = None
+            self.ready.clear()
+            self.cond.notify_all()
+        for settle in (self.flush_acks, partial(self._give_back, ids)):
+            try:
+                settle()
+            except DatabaseError:
+                logger.warning(
+                    "database broker: could not settle the messages of %r on close; "
+                    "their leases will expire and they will be delivered again",
+                    self.queue_name,
+                    exc_info=True,
+                )
+        self.db.close()
+        self.broker._forget(self)

@@ -1,0 +1,132 @@
+"""The database broker's background threads, one of each per broker while it has
+consumers: ``Maintenance`` renews leases and deletes acked rows, ``Listener`` wakes
+consumers on PostgreSQL notifications."""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from django.db import DatabaseError, connections
+
+from .database_consumer import ACK_FLUSH_INTERVAL
+from .database_sql import CHANNEL
+
+if TYPE_CHECKING:
+    from .database import DatabaseBroker
+
+logger = logging.getLogger("djqueue.broker.database")
+
+
+class Maintenance(threading.Thread):
+    """Renews the leases of every consumer's held messages each lease/3, and deletes
+    acked rows that waited ACK_FLUSH_INTERVAL."""
+
+    def __init__(self, broker: DatabaseBroker) -> None:
+        super().__init__(name=f"djqueue-db-heartbeat-{broker.alias}", daemon=True)
+        self.broker = broker
+        self.interval = broker.lease / 3000
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.poked = False
+
+    def poke(self) -> None:
+        with self.cond:
+            self.poked = True
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.join(5)
+
+    def run(self) -> None:
+        next_beat = time.monotonic() + self.interval
+        while True:
+            with self.cond:
+                timeout = next_beat - time.monotonic()
+                if self.poked:
+                    timeout = min(timeout, ACK_FLUSH_INTERVAL / 2)
+                if timeout > 0 and not self.stopping:
+                    self.cond.wait(timeout)
+                if self.stopping:
+                    return
+                self.poked = False
+            beat = time.monotonic() >= next_beat
+            if beat:
+                next_beat = time.monotonic() + self.interval
+            waiting = False
+            for consumer in self.broker.consumers():
+                try:
+                    waiting |= consumer.flush_acks(older_than=ACK_FLUSH_INTERVAL / 2)
+                    if beat:
+                        consumer.renew()
+                except DatabaseError:
+                    logger.warning("database broker heartbeat failed; trying again", exc_info=True)
+            if waiting:
+                self.poke()
+
+
+class Listener(threading.Thread):
+    """PostgreSQL: LISTENs on a connection of its own and wakes the consumers of each
+    queue named in a notification. Enqueues notify in their own transaction, so a
+    notification arrives at commit, and never for a rolled back message."""
+
+    def __init__(self, broker: DatabaseBroker) -> None:
+        super().__init__(name=f"djqueue-db-listen-{broker.alias}", daemon=True)
+        self.broker = broker
+        self.stopping = threading.Event()
+        # stop() writes to one end to interrupt the wait for notifications.
+        self.interrupt, self.interrupter = socket.socketpair()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        try:
+            self.interrupter.send(b"x")
+        except OSError:
+            pass  # the thread has ended and closed it
+        self.join(5)
+
+    def run(self) -> None:
+        try:
+            self._listen()
+        finally:
+            self.interrupt.close()
+            self.interrupter.close()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        backoff = 0.1
+        while not self.stopping.is_set():
+            conn = None
+            try:
+                params = connections.create_connection(self.broker.alias).get_connection_params()
+                params.setdefault("connect_timeout", 10)
+                conn = psycopg.Connection.connect(**params, autocommit=True)
+                conn.execute(f"LISTEN {CHANNEL}")
+                self.broker.wake()  # whatever was sent before we listened
+                backoff = 0.1
+                with selectors.DefaultSelector() as selector:
+                    selector.register(conn.fileno(), selectors.EVENT_READ)
+                    selector.register(self.interrupt, selectors.EVENT_READ)
+                    while not self.stopping.is_set():
+                        selector.select()
+                        for notify in conn.notifies(timeout=0):
+                            self.broker.wake(notify.payload)
+            except Exception as e:
+                if self.stopping.is_set():
+                    break
+                logger.warning(
+                    "LISTEN connection of db://%s failed (%s); again in %.1f s", self.broker.alias, e, backoff
+                )
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if conn is not None:
+                    conn.close()
