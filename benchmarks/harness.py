@@ -44,15 +44,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def peak_rss_kib(pid: int) -> int:
-    """The peak resident set size of one process so far, in KiB (0 if it is gone)."""
+def _kib(path: str, field_name: str) -> int:
+    """A ``Name:  N kB`` field of a /proc file, in KiB (0 if the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field_name):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The peak resident set size of one process so far, in KiB (0 if it is gone)."""
+    return _kib(f"/proc/{pid}/status", "VmHWM:")
 
 
 def parent_pid(pid: int) -> int:
@@ -64,13 +69,7 @@ def parent_pid(pid: int) -> int:
 
 def pss_kib(pid: int) -> int:
     """The proportional set size of one process now, in KiB (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 @dataclass
