@@ -682,3 +682,19 @@ def test_worker_runs_1500_messages_end_to_end(make_broker, queue):
         worker.stop(timeout=5_000)
     assert sorted(seen) == list(range(1500))
     assert broker.get_queue_stats(queue) == (0, 0, 0, 0)
+
+
+def test_an_idle_consumer_keeps_its_connection_with_heartbeats(make_broker, queue):
+    # RabbitMQ closes a connection that misses two heartbeats: with a 1 s heartbeat an
+    # idle consumer that sent none would be cut off, and reconnect, within 3 s.
+    broker = make_broker(url=URL + ("&" if "?" in URL else "?") + "heartbeat=1")
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    assert consumer.heartbeat == 1
+    generation = consumer.generation
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert next(consumer) is None
+    assert consumer.generation == generation, "the connection was dropped while idle"
+    sent = broker.enqueue(message(queue, "after idling"))
+    assert take(consumer).message_id == sent.message_id
+    consumer.close()
