@@ -15,6 +15,7 @@ seconds, whatever the scrape rate: a scrape never touches the broker.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -50,6 +51,31 @@ class QueueDepthCollector:
             for state, value in stats._asdict().items():
                 family.add_metric([queue_name, state], value)
         yield family
+
+
+class WorkerFilesCollector:
+    """prometheus_client's multiprocess sum, minus the files a worker is just creating.
+
+    A worker's first count creates its file and then sizes it; a scrape that lands in
+    between would read an empty file, fail to unpack its header and answer 500. Such a
+    file holds no value yet, so it is left out of that scrape.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = [f for f in glob.glob(os.path.join(self.path, "*.db")) if _has_header(f)]
+        return MultiProcessCollector.merge(files, accumulate=True)
+
+
+def _has_header(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8
+    except OSError:  # a live gauge's file removed when its process exited
+        return False
 
 
 class MetricsServer:
@@ -88,13 +114,11 @@ class MetricsServer:
         """Create the directory, start sampling and listen; raises OSError if the port
         is taken."""
         pc = import_prometheus_client()
-        from prometheus_client import multiprocess
-
         self.directory = tempfile.mkdtemp(prefix="djqueue-metrics-")
         self._previous_env = os.environ.get(ENV_VAR)
         os.environ[ENV_VAR] = self.directory
         registry = pc.CollectorRegistry(auto_describe=True)
-        multiprocess.MultiProcessCollector(registry, path=self.directory)
+        registry.register(WorkerFilesCollector(self.directory))
         registry.register(QueueDepthCollector(lambda: self._samples))
         try:
             self._server, _ = pc.start_http_server(self.port, addr=self.host, registry=registry)
