@@ -46,10 +46,23 @@ def stub_worker(stub_broker):
     worker.stop(timeout=5_000)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report
+
+
+CALL_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def start_processes(tmp_path: Path):
+def start_processes(tmp_path: Path, request: pytest.FixtureRequest):
     """``start(broker_url, *args, **kwargs)`` starts ``runworkers`` (or another command)
-    like tests.process.start_workers; whatever is still running at teardown is killed."""
+    like tests.process.start_workers; whatever is still running at teardown is killed.
+    When the test failed, the processes' logs are printed: they are where a worker
+    that died or misbehaved says why."""
     from tests.process import start_workers
 
     started = []
@@ -64,3 +77,6 @@ def start_processes(tmp_path: Path):
         if process.process.poll() is None:
             process.process.kill()
             process.process.wait(10)
+    if request.node.stash.get(CALL_FAILED, False):
+        for process in started:
+            print(f"--- log of {process.log.name} ---\n{process.output()}")
