@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,7 +24,7 @@ from . import mask_url
 from . import redis_scripts as lua
 from .base import Broker, Consumer, QueueStats
 from .redis_consumer import Heartbeat, RedisConsumer
-from .redis_runner import ScriptRunner
+from .redis_runner import ScriptRunner, pack_four
 
 logger = logging.getLogger("djqueue.broker.redis")
 
@@ -32,7 +32,7 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "djqueue"
 DEFAULT_HEARTBEAT_TIMEOUT = 60_000
 DEFAULT_DEAD_LETTER_TTL = 7 * 24 * 3600 * 1000
-ENQUEUE_CHUNK = 500
+ENQUEUE_CHUNK = 250
 PURGE_CHUNK = 1000
 
 
@@ -208,17 +208,31 @@ class RedisBroker(Broker):
         self.run("enqueue", [message.queue_name, *self._fields(message, data)], retry=True)
 
     def _enqueue_many(self, prepared: list[tuple[Message, bytes]]) -> None:
-        by_queue: dict[str, list[Any]] = {}
+        if len(prepared) == 1:
+            self._enqueue(*prepared[0])
+            return
+        by_queue: dict[str, list[bytes]] = {}
         for message, data in prepared:
-            by_queue.setdefault(message.queue_name, []).extend(self._fields(message, data))
-        step = ENQUEUE_CHUNK * 4
-        calls = [
-            ("enqueue", [q, *f[i : i + step]]) for q, f in by_queue.items() for i in range(0, len(f), step)
-        ]
-        if len(calls) == 1:
-            self.run(*calls[0], retry=True)
-        elif calls:
-            self.call(self.runner.run_many, calls)
+            mid, _, priority, eta = self._fields(message, data)
+            by_queue.setdefault(message.queue_name, []).append(
+                pack_four(mid.encode(), data, b"%d" % priority, b"%d" % eta)
+            )
+        pack = self.runner.pack
+
+        def calls() -> Iterator[tuple[str, bytes]]:
+            # Packed lazily, so that Redis stores one chunk while the next is packed.
+            for queue_name, packed in by_queue.items():
+                for i in range(0, len(packed), ENQUEUE_CHUNK):
+                    chunk = packed[i : i + ENQUEUE_CHUNK]
+                    yield "enqueue", pack("enqueue", [queue_name], chunk, 4 * len(chunk))
+
+        try:
+            self.call(self.runner.run_many, calls())
+        except ConnectionError:
+            # One call is safe to repeat, as a single send is; part of several is not.
+            if len(by_queue) > 1 or len(prepared) > ENQUEUE_CHUNK:
+                raise
+            self.call(self.runner.run_many, calls())
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         self.declare_queue(queue_name)

@@ -38,6 +38,14 @@ def _bulk(value: Any) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+def pack_four(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
+    """Four arguments packed ahead of a ``pack()`` in one format (a message's fields)."""
+    return _PACK_FOUR % (len(a), a, len(b), b, len(c), c, len(d), d)
+
+
+_PACK_FOUR = b"$%d\r\n%b\r\n" * 4
+
+
 class ScriptRunner:
     """Runs named scripts; ``prefix`` is passed as every script's first argument."""
 
@@ -60,8 +68,10 @@ class ScriptRunner:
         self.idle: list[tuple[Any, float]] = []
         self.pid = os.getpid()
 
-    def pack(self, name: str, args: Sequence[Any]) -> bytes:
-        return b"".join([b"*%d\r\n" % (len(args) + 4), self.heads[name], *map(_bulk, args)])
+    def pack(self, name: str, args: Sequence[Any], packed: Sequence[bytes] = (), count: int = 0) -> bytes:
+        """The call's RESP bytes: ``args``, then ``count`` more arguments already packed
+        (see ``pack_four``)."""
+        return b"".join([b"*%d\r\n" % (len(args) + count + 4), self.heads[name], *map(_bulk, args), *packed])
 
     def run(self, name: str, args: Sequence[Any]) -> Any:
         """Run one script and return its reply; raises redis-py's exceptions."""
@@ -84,17 +94,22 @@ class ScriptRunner:
         self.idle.append((connection, time.monotonic()))
         return reply
 
-    def run_many(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Run scripts in one pipelined round trip and return their replies, in order.
-        If any failed, raises the first error once every reply has been read."""
-        packed = [self.pack(name, args) for name, args in calls]
+    def run_many(self, calls: Iterable[tuple[str, bytes]]) -> list[Any]:
+        """Run scripts (name, ``pack()``-ed call) pipelined on one connection and return
+        their replies, in order. Each call is sent as soon as the iterable gives it, so
+        that Redis runs one while the next is packed. If any failed, raises the first
+        error once every reply has been read."""
         connection = self._take()
         try:
-            replies = self._exchange(connection, packed)
+            sent: list[tuple[str, bytes]] = []
+            for name, packed in calls:
+                connection.send_packed_command([packed])
+                sent.append((name, packed))
+            replies = self._read_replies(connection, len(sent))
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, self._no_script)]
             if missing:
-                self._load(connection, {calls[i][0] for i in missing})
-                again = self._exchange(connection, [packed[i] for i in missing])
+                self._load(connection, {sent[i][0] for i in missing})
+                again = self._exchange(connection, [sent[i][1] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
         except BaseException:
@@ -108,8 +123,11 @@ class ScriptRunner:
 
     def _exchange(self, connection: Any, packed: list[bytes]) -> list[Any]:
         connection.send_packed_command(packed)
+        return self._read_replies(connection, len(packed))
+
+    def _read_replies(self, connection: Any, count: int) -> list[Any]:
         replies: list[Any] = []
-        for _ in packed:
+        for _ in range(count):
             try:
                 replies.append(connection.read_response(disable_decoding=True))
             except self._response_error as e:  # an error reply: the connection is still in step

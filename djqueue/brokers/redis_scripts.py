@@ -48,7 +48,7 @@ SCRIPTS = ("enqueue", "fetch", "ack", "nack", "requeue", "release", "heartbeat",
 
 # ARGV: P, queue, then (message id, payload, priority, eta ms or 0) per message.
 ENQUEUE = script(
-    "fmt now_ms qkey score notify",
+    "fmt now_ms qkey score notify batch",
     """
 local queue = ARGV[2]
 local Q = qkey(queue)
@@ -58,26 +58,41 @@ local seq = redis.call('INCRBY', Q .. 'seq', n) - n
 -- keys were lost): register it for cancel() then, rather than on every send.
 if seq == 0 then redis.call('SADD', P .. 'queues', queue) end
 local now = nil
-local ready, delayed = 0, 0
+-- One command per key for the whole call: most of Redis's time per message was the
+-- per-command overhead of three commands each.
+local msgs, ids, ready, delayed, prio = {}, {}, {}, {}, {}
 for i = 3, #ARGV, 4 do
   seq = seq + 1
   local mid, priority, eta = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local tag = mid .. '#' .. fmt(seq)
-  redis.call('HSET', Q .. 'msgs', tag, ARGV[i + 1])
-  if mid ~= '' then redis.call('HSET', Q .. 'ids', mid, tag) end
+  msgs[#msgs + 1] = tag
+  msgs[#msgs + 1] = ARGV[i + 1]
+  if mid ~= '' then
+    ids[#ids + 1] = mid
+    ids[#ids + 1] = tag
+  end
   if eta > 0 and now == nil then now = now_ms() end
   if eta > 0 and eta > now then
-    redis.call('ZADD', Q .. 'delayed', ARGV[i + 3], tag)
-    if priority ~= 0 then redis.call('HSET', Q .. 'prio', tag, ARGV[i + 2]) end
-    delayed = delayed + 1
+    delayed[#delayed + 1] = ARGV[i + 3]
+    delayed[#delayed + 1] = tag
+    if priority ~= 0 then
+      prio[#prio + 1] = tag
+      prio[#prio + 1] = ARGV[i + 2]
+    end
   else
-    redis.call('ZADD', Q .. 'ready', score(priority, seq), tag)
-    ready = ready + 1
+    ready[#ready + 1] = score(priority, seq)
+    ready[#ready + 1] = tag
   end
 end
+batch('HSET', Q .. 'msgs', msgs)
+batch('HSET', Q .. 'ids', ids)
+batch('ZADD', Q .. 'delayed', delayed)
+batch('HSET', Q .. 'prio', prio)
+batch('ZADD', Q .. 'ready', ready)
 -- A new delayed message may be due before what blocked consumers wait for: wake one.
-if delayed > 0 and ready == 0 then ready = 1 end
-notify(Q, ready)
+local woken = #ready / 2
+if #delayed > 0 and woken == 0 then woken = 1 end
+notify(Q, woken)
 return n
 """,
 )

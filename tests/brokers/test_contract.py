@@ -12,6 +12,7 @@ import pytest
 
 from djqueue import Message, Worker, actor
 from djqueue.brokers.base import Consumer, MessageProxy
+from djqueue.message import current_millis
 from djqueue.models import DeadLetter
 from tests.process import read_records, wait_for
 from tests.testapp.tasks import record, slow_record
@@ -129,6 +130,35 @@ def test_priority_ordering(case, queue):
         consumer.ack(proxy)
     consumer.close()
     assert seen == [10, 5, 1, 0]
+
+
+def test_a_batch_keeps_each_messages_delay_priority_and_id(case, queue):
+    broker = case.make()
+    priorities = broker.supports_priority
+    eta = current_millis() + 700
+    batch = [make_message(queue, n, priority=n % 3 if priorities else 0) for n in range(6)]
+    batch.append(make_message(queue, "delayed", eta=eta))
+    if broker.supports_cancel:
+        batch.append(make_message(queue, "cancelled"))
+    sent = broker.enqueue_many(batch)
+    assert [m.message_id for m in sent] == [m.message_id for m in batch]
+    if broker.supports_cancel:
+        assert broker.cancel(sent[-1].message_id, queue_name=queue)
+    stats = broker.get_queue_stats(queue)
+    assert (stats.ready, stats.delayed) == (6, 1)
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    order = []
+    for _ in range(7):
+        proxy = take(consumer)
+        order.append(proxy.message.args[0])
+        if proxy.message.args[0] == "delayed":
+            assert current_millis() >= eta - 50  # a few ms of clock skew between processes
+        consumer.ack(proxy)
+    consumer.close()
+    ready = [n for n in range(6)]
+    if priorities:  # highest first, first in first out within a priority
+        ready.sort(key=lambda n: -(n % 3))
+    assert order == [*ready, "delayed"]
 
 
 def test_queue_stats_purge_and_cancel(case, queue):
