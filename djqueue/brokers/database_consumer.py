@@ -45,6 +45,9 @@ CHANGE_CHECKS = 5
 ACK_FLUSH_INTERVAL = 0.05
 # A consumer with only a few free slots waits this long (s) for more before claiming.
 BATCH_WINDOW = 0.005
+# A PostgreSQL queue that just ran dry is asked when its next message comes due this
+# long (s) after: not at once, so that the message just claimed starts unhindered.
+DUE_LOOK_DELAY = 0.005
 
 
 class Connection:
@@ -154,13 +157,16 @@ class DatabaseConsumer(Consumer):
                     self.cond.wait(min(deadline, until) - now)
                     continue
                 # Only a change check, unless something else asks for a full look.
-                check_only = not self.notified and self.drained and now < self.wake_at
+                notified = self.notified
+                check_only = not notified and self.drained and now < self.wake_at
                 # Cleared before claiming: a notification arriving meanwhile claims again.
                 self.notified = False
                 self.partial_at = None
                 acks, self.acks = ([], self.acks) if check_only else (self.acks, [])
                 fresh_only = self.isolated is not None
-                idle = self.drained
+                # A notified idle consumer expects a message: it claims first, and asks
+                # when the next one is due in a look that follows, off the latency path.
+                idle = self.drained and not notified
             if check_only:
                 self._check(now)
             else:
@@ -246,7 +252,8 @@ class DatabaseConsumer(Consumer):
                 if not self.broker.listen:
                     self.wake_at = time.monotonic() + self.broker.poll_interval / 1000
                 elif not next_due:
-                    self.wake_at = time.monotonic()  # the queue just ran dry: ask when it is due
+                    # The queue just ran dry: ask when its next message is due.
+                    self.wake_at = time.monotonic() + DUE_LOOK_DELAY
                 else:
                     due_in = MAX_IDLE if due_at is None else max(0, due_at - current_millis()) / 1000
                     self.wake_at = time.monotonic() + min(due_in, MAX_IDLE)

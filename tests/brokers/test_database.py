@@ -338,8 +338,8 @@ def test_sqlite_consumer_sees_another_process_message_within_the_poll_interval(m
 @pytest.mark.postgres
 @pytest.mark.parametrize("alias", ["postgres"])
 def test_a_short_claim_is_one_statement_and_still_wakes_for_the_next_delayed_message(make, queue):
-    # Nothing notifies when a delayed message comes due: the claim that came up short
-    # must have learnt when (in the same statement), or the consumer sleeps 10 s.
+    # Nothing notifies when a delayed message comes due: the claim that came up short,
+    # or the look that follows it, must learn when, or the consumer sleeps 10 s.
     broker = make()
     consumer = broker.consume(queue, prefetch=4, timeout=100)
     assert next(consumer) is None  # connected, and idle
