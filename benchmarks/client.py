@@ -19,6 +19,7 @@ from typing import Any
 MODULES = {
     "djqueue": "benchmarks.djapp.tasks",
     "dramatiq": "benchmarks.peers.dramatiq_app",
+    "dramatiq+django": "benchmarks.peers.dramatiq_django_app",
     "celery": "benchmarks.peers.celery_app",
     "django-tasks": "benchmarks.djapp.dt_tasks",
 }

@@ -24,7 +24,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "pss_1x8": ("PSS of one worker process (its own memory), 1 x 8", "MiB", False),
     "pss_2x8": ("PSS of one worker process (its own memory), 2 x 8", "MiB", False),
 }
-SYSTEM_ORDER = ("djqueue", "dramatiq", "celery", "django-tasks")
+SYSTEM_ORDER = ("djqueue", "dramatiq", "dramatiq+django", "celery", "django-tasks")
 BROKER_ORDER = ("redis", "rabbitmq", "postgres", "sqlite")
 PACKAGES = (
     "djqueue",
@@ -168,6 +168,17 @@ def targets(values: Table) -> list[tuple[str, float | None, str, bool | None]]:
         if mine and theirs:
             shown = f"{mine:.0f} vs {theirs:.0f} MiB (context for the RSS row)"
             out.append((f"worker PSS, {broker}, 1 x 8", mine, shown, mine <= theirs))
+    for broker in ("redis", "rabbitmq"):
+        # Context too: Dramatiq as a Django team runs it (django_dramatiq sets Django up).
+        for metric, what in (("rss_1x8", "peak RSS"), ("pss_1x8", "PSS")):
+            mine, theirs = (
+                median(values, broker, "djqueue", metric),
+                median(values, broker, "dramatiq+django", metric),
+            )
+            if mine and theirs:
+                shown = f"{mine:.0f} vs {theirs:.0f} MiB (context: Dramatiq with Django set up)"
+                label = f"worker {what}, {broker}, 1 x 8, vs Dramatiq + Django"
+                out.append((label, mine, shown, mine <= theirs))
     return out
 
 

@@ -22,6 +22,8 @@ class System:
     # Brokers it also runs on with --all-pairs; left out by default to keep a full run
     # within about 25 minutes on 2 cores.
     extra_brokers: tuple[str, ...] = ()
+    # The workloads it runs (None: all of them).
+    workloads: tuple[str, ...] | None = None
 
     def available(self) -> str | None:
         """None if the system can run here, else why not."""
@@ -52,9 +54,17 @@ class Djqueue(System):
 
 
 class Dramatiq(System):
+    app = "benchmarks.peers.dramatiq_app"
+
     def worker_commands(self, queue: str, processes: int, threads: int, run_id: str) -> list[list[str]]:
-        app = "benchmarks.peers.dramatiq_app"
-        return [[PY, "-m", "dramatiq", app, "-p", str(processes), "-t", str(threads), "-Q", queue]]
+        return [[PY, "-m", "dramatiq", self.app, "-p", str(processes), "-t", str(threads), "-Q", queue]]
+
+
+class DramatiqDjango(Dramatiq):
+    """Dramatiq's worker with Django set up, as django_dramatiq runs it: the peer a
+    djqueue worker's memory compares with like for like (see peers/dramatiq_django_app)."""
+
+    app = "benchmarks.peers.dramatiq_django_app"
 
 
 class Celery(System):
@@ -84,6 +94,13 @@ SYSTEMS: dict[str, System] = {
     for s in (
         Djqueue("djqueue", ("redis", "rabbitmq", "postgres", "sqlite"), ("djqueue", "redis")),
         Dramatiq("dramatiq", ("redis", "rabbitmq"), ("dramatiq", "redis", "pika")),
+        # Memory only: one drain cell at 1 x 8, which samples the worker's RSS and PSS.
+        DramatiqDjango(
+            "dramatiq+django",
+            ("redis", "rabbitmq"),
+            ("dramatiq", "redis", "pika"),
+            workloads=("enqueue-drain-1",),
+        ),
         Celery("celery", ("redis",), ("celery", "kombu", "redis"), extra_brokers=("rabbitmq",)),
         DjangoTasks(
             "django-tasks", ("postgres",), ("django_tasks", "django_tasks_db"), extra_brokers=("sqlite",)
