@@ -204,6 +204,7 @@ def write(records: list[dict[str, Any]], meta: dict[str, Any], output: Path, cha
         f"{meta.get('cpus')} CPUs, servers on loopback, shared with other work (see the load column of "
         "`results.json`).",
         f"- Each cell repeated {meta.get('repeat')} times, systems alternating; **median** (min-max).",
+        *([f"- From a later run: {meta['followup']}."] if meta.get("followup") else []),
         f"- Counts: {meta.get('messages'):,} messages (Redis, RabbitMQ), "
         f"{meta.get('db_messages'):,} (database), {meta.get('io_jobs'):,} I/O jobs of 50 ms, "
         f"up to {meta.get('latency_count')} latency samples per cell (at most "
