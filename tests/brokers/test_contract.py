@@ -29,6 +29,18 @@ def take(consumer: Consumer, timeout: float = 10.0) -> MessageProxy:
     return proxy
 
 
+def take_all(broker, queue: str, count: int, prefetch: int = 1) -> list[tuple[MessageProxy, float]]:
+    """The queue's next ``count`` messages, each acked, with when (monotonic) it came."""
+    consumer = broker.consume(queue, prefetch=prefetch, timeout=100)
+    taken = []
+    for _ in range(count):
+        proxy = take(consumer)
+        taken.append((proxy, time.monotonic()))
+        consumer.ack(proxy)
+    consumer.close()
+    return taken
+
+
 def settled(broker, queue: str) -> bool:
     return broker.get_queue_stats(queue)[:3] == (0, 0, 0)
 
@@ -104,13 +116,7 @@ def test_delay_and_eta_ordering(case, queue):
     now = broker.enqueue(make_message(queue, "now"))
     stats = broker.get_queue_stats(queue)
     assert (stats.ready, stats.delayed) == (1, 2)
-    consumer = broker.consume(queue, prefetch=3, timeout=100)
-    order = []
-    for _ in range(3):
-        proxy = take(consumer)
-        order.append((proxy.message_id, time.monotonic() - start))
-        consumer.ack(proxy)
-    consumer.close()
+    order = [(proxy.message_id, at - start) for proxy, at in take_all(broker, queue, 3, prefetch=3)]
     assert [m for m, _ in order] == [now.message_id, soon.message_id, late.message_id]
     assert order[1][1] >= 0.45 and order[2][1] >= 1.45, order
     assert order[2][1] < 8, "a due message waited far too long"
@@ -122,19 +128,13 @@ def test_priority_ordering(case, queue):
         pytest.skip(f"{case.name} does not support priorities")
     for priority in (0, 10, 5, 1):
         broker.enqueue(make_message(queue, priority, priority=priority))
-    consumer = broker.consume(queue, prefetch=1, timeout=200)
-    seen = []
-    for _ in range(4):
-        proxy = take(consumer)
-        seen.append(proxy.message.priority)
-        consumer.ack(proxy)
-    consumer.close()
-    assert seen == [10, 5, 1, 0]
+    assert [proxy.message.priority for proxy, _ in take_all(broker, queue, 4)] == [10, 5, 1, 0]
 
 
 def test_a_batch_keeps_each_messages_delay_priority_and_id(case, queue):
     broker = case.make()
     priorities = broker.supports_priority
+    start = time.monotonic()
     eta = current_millis() + 700
     batch = [make_message(queue, n, priority=n % 3 if priorities else 0) for n in range(6)]
     batch.append(make_message(queue, "delayed", eta=eta))
@@ -146,19 +146,13 @@ def test_a_batch_keeps_each_messages_delay_priority_and_id(case, queue):
         assert broker.cancel(sent[-1].message_id, queue_name=queue)
     stats = broker.get_queue_stats(queue)
     assert (stats.ready, stats.delayed) == (6, 1)
-    consumer = broker.consume(queue, prefetch=1, timeout=100)
-    order = []
-    for _ in range(7):
-        proxy = take(consumer)
-        order.append(proxy.message.args[0])
-        if proxy.message.args[0] == "delayed":
-            assert current_millis() >= eta - 50  # a few ms of clock skew between processes
-        consumer.ack(proxy)
-    consumer.close()
+    taken = take_all(broker, queue, 7)
+    order = [proxy.message.args[0] for proxy, _ in taken]
     ready = [n for n in range(6)]
     if priorities:  # highest first, first in first out within a priority
         ready.sort(key=lambda n: -(n % 3))
     assert order == [*ready, "delayed"]
+    assert taken[-1][1] - start >= 0.65  # the delayed one came at its eta, not before
 
 
 def test_queue_stats_purge_and_cancel(case, queue):
