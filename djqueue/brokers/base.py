@@ -286,6 +286,12 @@ class Broker:
         self.queues.add(queue_name)
         self.emit_after("declare_queue", queue_name)
 
+    def ensure_queue(self, queue_name: str) -> None:
+        """Declare the queue and create it on the broker now if the broker creates queues
+        at all (RabbitMQ does, on a queue's first use in a process). ``runworkers`` calls
+        it at start, so a queue the broker refuses fails the start rather than a job."""
+        self.declare_queue(queue_name)
+
     def get_declared_queues(self) -> set[str]:
         return set(self.queues)
 

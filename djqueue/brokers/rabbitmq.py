@@ -1,7 +1,9 @@
 """The RabbitMQ broker: ``amqp://`` and ``amqps://`` URLs, built on pika.
 
-Topology, per djqueue queue ``q`` (declared once per process; every declaration is
-idempotent and uses the same arguments, so re-declaring never fails):
+Topology, per djqueue queue ``q``, declared on the queue's first use in a process (a
+send, a consumer, stats), never when an actor is defined: that happens at import time
+in every Django process, where RabbitMQ may be down or not needed at all. Every
+declaration is idempotent and uses the same arguments, so re-declaring never fails:
 
 - ``q``: durable; a nacked message is dead-lettered into ``q.DQ``; ``x-max-priority``
   on classic queues.
@@ -165,6 +167,7 @@ class RabbitmqBroker(Broker):
         self._admin_lock = threading.RLock()
         self._admin: tuple[Any, Any] | None = None
         self._exchanges_declared = False
+        self._declared: set[str] = set()  # queues declared on RabbitMQ (by this process or its parent)
         self._delays_declared: set[str] = set()
         self._reset_process_state()
         super().__init__(middleware, **kwargs)
@@ -335,18 +338,30 @@ class RabbitmqBroker(Broker):
         channel.queue_bind(queue_name, delay_exchange(0), routing_key=_bit_pattern(0, "0", queue_name))
 
     def _declare_queue(self, queue_name: str) -> None:
-        self._admin_call(lambda channel: self._declare_main(channel, queue_name))
+        # Nothing yet: actors declare their queues at import time (see the module's doc).
+        pass
+
+    def ensure_queue(self, queue_name: str) -> None:
+        """Declare the queue on RabbitMQ now, if this process has not yet. Raises
+        ConfigurationError if it exists with other arguments, ConnectionError if RabbitMQ
+        cannot be reached."""
+        self.declare_queue(queue_name)
+        if queue_name not in self._declared:
+            self._admin_call(lambda channel: self._declare_main(channel, queue_name))
+            self._declared.add(queue_name)
 
     def _declare_delays(self, queue_name: str) -> None:
         if queue_name not in self._delays_declared:
+            self.ensure_queue(queue_name)  # level 0 dead-letters into it
             self._admin_call(lambda channel: self._declare_delay_levels(channel, queue_name))
             self._delays_declared.add(queue_name)
 
     def _redeclare(self, queue_name: str) -> None:
         logger.warning("declaring the RabbitMQ queues of %r again (were they deleted?)", queue_name)
         self._exchanges_declared = False
+        self._declared.discard(queue_name)
         self._delays_declared.discard(queue_name)
-        self._declare_queue(queue_name)
+        self.ensure_queue(queue_name)
         self._declare_delays(queue_name)
 
     def delete_queue(self, queue_name: str) -> None:
@@ -359,6 +374,7 @@ class RabbitmqBroker(Broker):
 
         self._admin_call(delete)
         self.queues.discard(queue_name)
+        self._declared.discard(queue_name)
         self._delays_declared.discard(queue_name)
 
     @staticmethod
@@ -388,6 +404,8 @@ class RabbitmqBroker(Broker):
         return publisher
 
     def _pending(self, queue_name: str, data: bytes, priority: int, eta: Any) -> Pending:
+        if queue_name not in self._declared:
+            self.ensure_queue(queue_name)
         delay = eta - current_millis() if isinstance(eta, int | float) else 0
         if delay > 0:
             self._declare_delays(queue_name)
@@ -411,7 +429,7 @@ class RabbitmqBroker(Broker):
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         """Put arbitrary bytes on a queue, as a misbehaving producer would (for tests)."""
-        self.declare_queue(queue_name)
+        self.ensure_queue(queue_name)
         publisher = self._publisher()
         with publisher.lock:
             publisher.publish([Pending(queue_name, b"", queue_name.encode(), data, 0)], 1)
@@ -436,7 +454,11 @@ class RabbitmqBroker(Broker):
     # -- consuming and inspecting ---------------------------------------------------
 
     def consume(self, queue_name: str, *, prefetch: int = 1, timeout: int = 1000) -> Consumer:
-        self.declare_queue(queue_name)
+        try:
+            self.ensure_queue(queue_name)
+        except ConnectionError as e:
+            # The consumer connects when RabbitMQ is back, and declares the queue then.
+            logger.warning("could not declare %r yet: %s", queue_name, e)
         consumer = RabbitmqConsumer(self, queue_name, prefetch, timeout)
         with self._consumers_lock:
             self._consumers.add(consumer)
@@ -462,7 +484,7 @@ class RabbitmqBroker(Broker):
     def get_queue_stats(self, queue_name: str) -> QueueStats:
         """ready and dead from RabbitMQ; delayed from the delay levels; in_flight counts only
         the unacked deliveries held by this process's consumers."""
-        self.declare_queue(queue_name)
+        self.ensure_queue(queue_name)
         self._declare_delays(queue_name)
         self.flush()
         ready, delayed, dead = self._counts(queue_name)
@@ -473,7 +495,7 @@ class RabbitmqBroker(Broker):
 
     def purge(self, queue_name: str) -> None:
         """Drop the ready, delayed and dead-lettered messages of the queue."""
-        self.declare_queue(queue_name)
+        self.ensure_queue(queue_name)
         self._declare_delays(queue_name)
         self.flush()
 

@@ -8,6 +8,7 @@ import select
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from djqueue.brokers.rabbitmq import (
 )
 from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.message import Message, current_millis
-from tests.process import wait_for
+from tests.process import ROOT, wait_for
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -376,9 +377,52 @@ def test_stats_purge_and_no_cancel(broker, queue):
 
 
 def test_changed_queue_arguments_raise_a_clear_error(make_broker, queue):
-    make_broker(max_priority=10).declare_queue(queue)
+    make_broker(max_priority=10).ensure_queue(queue)
+    changed = make_broker(max_priority=5)
+    changed.declare_queue(queue)  # what defining an actor does: RabbitMQ is not asked yet
     with pytest.raises(ConfigurationError, match="x-max-priority"):
-        make_broker(max_priority=5).declare_queue(queue)
+        changed.ensure_queue(queue)
+    with pytest.raises(ConfigurationError, match="x-max-priority"):
+        changed.enqueue(message(queue, 1))
+
+
+def test_runworkers_does_not_start_on_a_queue_rabbitmq_has_with_other_arguments(
+    make_broker, queue, start_processes
+):
+    make_broker(max_priority=10).ensure_queue(queue)
+    workers = start_processes(URL, "--queues", queue, broker_options={"max_priority": 5})
+    assert workers.process.wait(60) != 0
+    assert "x-max-priority" in workers.output() and not workers.children()
+
+
+def test_defining_actors_needs_no_rabbitmq_and_a_send_says_it_is_down(make_broker, queue):
+    broker = make_broker(url="amqp://guest:secret@127.0.0.1:1/%2F")
+
+    @actor(broker=broker, queue_name=queue)
+    def job() -> None: ...
+
+    assert queue in broker.get_declared_queues()
+    with pytest.raises(ConnectionError, match="cannot connect to RabbitMQ") as raised:
+        job.send()
+    assert "secret" not in str(raised.value)
+
+
+def test_a_django_project_starts_while_rabbitmq_is_down():
+    # Its actors are defined (tests.testapp.tasks) when Django starts, in every process.
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJQUEUE_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/%2F",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "django", "check"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_deleted_queue_is_declared_again_instead_of_dropping_messages(broker, queue):

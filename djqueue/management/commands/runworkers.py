@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from djqueue import __version__, conf
 from djqueue.brokers import get_broker
+from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.supervisor import Supervisor, WorkerConfig, configure_logging
 
 if TYPE_CHECKING:
@@ -99,6 +100,15 @@ class Command(BaseCommand):
                 "no queues to consume: no @actor was found. Define actors in your apps' "
                 f"{conf.get('TASKS_MODULE')}.py modules or pass --queues."
             )
+        for queue_name in sorted(queues or declared):
+            # Before any worker starts: a queue the broker refuses stops the command here.
+            try:
+                broker.ensure_queue(queue_name)
+            except ConfigurationError as e:
+                raise CommandError(str(e)) from None
+            except ConnectionError as e:
+                self.stderr.write(f"warning: {e}; the workers keep trying to connect")
+                break
         config = WorkerConfig(
             threads=options["threads"],
             queues=queues,
