@@ -67,7 +67,6 @@ def cell_env(config: Config, system: str, broker: str, queue: str, key: str) -> 
         BENCH_REDIS_URL=COUNTER_URL,
         BENCH_WORK_DIR=str(config.work_dir),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
-        PYTHONDONTWRITEBYTECODE="1",
     )
     env.pop("DJQUEUE_BROKER_URL", None)  # benchmarks.settings picks the URL for the broker
     if system in ("dramatiq", "celery"):
