@@ -59,14 +59,18 @@ def child_pids(pid: int) -> list[int]:
 
 
 def worker_children(pid: int) -> list[int]:
-    """The worker processes of a supervisor (its children other than the spawn helper)."""
+    """The worker processes of a supervisor: its Python children other than the spawn
+    helper. A library may run a short-lived program at import (croniter runs ``file``
+    on the interpreter), and that child is no worker."""
+    python = os.path.realpath(sys.executable)
     result = []
     for child in child_pids(pid):
         try:
             cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            executable = os.path.realpath(f"/proc/{child}/exe")
         except OSError:
             continue
-        if b"resource_tracker" not in cmdline:
+        if b"resource_tracker" not in cmdline and executable == python:
             result.append(child)
     return result
 
@@ -86,11 +90,17 @@ class Workers:
         return worker_children(self.pid)
 
     def wait_children(self, count: int, timeout: float = 30.0) -> list[int]:
-        return wait_for(
-            lambda: (c := self.children()) and len(c) == count and c,
-            timeout,
-            message=f"{count} worker processes",
-        )
+        """The supervisor's ``count`` worker processes, once the same ones are seen on two
+        polls in a row: a child between its fork and its exec of another program is a
+        Python process only for that instant."""
+        seen: list[list[int]] = [[]]
+
+        def settled() -> list[int] | None:
+            current = self.children()
+            previous, seen[0] = seen[0], current
+            return current if len(current) == count and current == previous else None
+
+        return wait_for(settled, timeout, interval=0.1, message=f"{count} worker processes")
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
