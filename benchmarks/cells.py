@@ -172,6 +172,19 @@ def io_bound(config: Config, system: str, broker: str) -> dict[str, Any]:
     queue, key = config.new_names()
     env = cell_env(config, system, broker, queue, key)
     counter = redis.Redis.from_url(COUNTER_URL)
+    result: dict[str, Any] = {}
+    if system == "djqueue":
+        # The same jobs in plain threads with no queue, in the same cell: the part of the
+        # ideal that the job's own Redis call and sleep overshoot take on this machine.
+        _, bare_key = config.new_names()
+        bare_env = cell_env(config, system, broker, queue, bare_key)
+        args = ["--mode", "threads", "--task", "sleepy", "--count", str(config.io_jobs)]
+        bare = run_client(bare_env, system, *args, "--threads", str(config.threads), timeout=300)
+        ran = int(counter.get(f"{bare_key}:count") or 0)
+        counter.delete(f"{bare_key}:count")
+        if ran != config.io_jobs:
+            raise CellError(f"plain threads ran {ran} of {config.io_jobs} jobs")
+        result["io_threads"] = config.io_jobs / (bare["t1"] - bare["t0"])
     group = workers(config, system, broker, env, 1)
     group.start()
     try:
@@ -189,7 +202,8 @@ def io_bound(config: Config, system: str, broker: str) -> dict[str, Any]:
     counter.delete(f"{key}:count", f"{key}:latency")
     rate = config.io_jobs / (done - sent["t0"])
     ideal = config.threads / 0.05
-    return {"io": rate, "io_pct": 100 * rate / ideal}
+    result.update(io=rate, io_pct=100 * rate / ideal)
+    return result
 
 
 def latency(config: Config, system: str, broker: str) -> dict[str, Any]:

@@ -58,21 +58,62 @@ def run_latency(
     return delays
 
 
+def run_threads(task: str, count: int, threads: int) -> None:
+    """Run ``count`` of the work's ``task`` in ``threads`` plain threads, no queue at all:
+    what the job itself allows on this machine."""
+    import queue
+    import threading
+
+    from benchmarks import work
+
+    job = getattr(work, task)
+    jobs: queue.SimpleQueue[None] = queue.SimpleQueue()
+    for _ in range(count):
+        jobs.put(None)
+
+    def run(index: int) -> None:
+        # Started a fraction of a job apart, as a worker's threads end up: threads that
+        # start together call Redis together, and wait on one another every round.
+        time.sleep(index * work.IO_SLEEP / threads)
+        while True:
+            try:
+                jobs.get_nowait()
+            except queue.Empty:
+                return
+            job()
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--system", required=True, choices=sorted(MODULES))
-    parser.add_argument("--mode", required=True, choices=["single", "batch", "latency"])
+    parser.add_argument("--mode", required=True, choices=["single", "batch", "latency", "threads"])
     parser.add_argument("--task", default="noop")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--chunk", type=int, default=1000, help="messages per batch call")
     parser.add_argument("--gap-min", type=float, default=10.0, help="latency: min pause (ms)")
     parser.add_argument("--gap-max", type=float, default=40.0, help="latency: max pause (ms)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=8, help="threads mode: plain threads")
     parser.add_argument("--budget", type=float, default=1e9, help="latency: stop sampling after this (s)")
     args = parser.parse_args(argv)
 
-    module = load(args.system)
     out: dict[str, Any] = {}
+    if args.mode == "threads":
+        from benchmarks import work  # noqa: F401  (imported before the clock starts)
+
+        out["t0"] = time.time()
+        run_threads(args.task, args.count, args.threads)
+        out["t1"] = time.time()
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    module = load(args.system)
     if args.mode == "latency":
         out["delays"] = run_latency(module, args.count, args.gap_min, args.gap_max, args.warmup, args.budget)
     else:

@@ -17,6 +17,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "drain_2x8": ("drain 2 x 8 (from worker start)", "msg/s", True),
     "drain_2x8_steady": ("drain 2 x 8 (from first message)", "msg/s", True),
     "io": ("I/O-bound, 1 x 8 (ideal 160)", "jobs/s", True),
+    "io_threads": ("I/O-bound jobs in 8 plain threads, no queue (same cell)", "jobs/s", True),
     "latency_p50": ("latency to idle worker, p50", "ms", False),
     "latency_p99": ("latency to idle worker, p99", "ms", False),
     "rss_1x8": ("peak RSS of one worker process, 1 x 8", "MiB", False),
@@ -147,7 +148,11 @@ def targets(values: Table) -> list[tuple[str, float | None, str, bool | None]]:
         io = median(values, broker, "djqueue", "io")
         if io is not None:
             pct = 100 * io / 160
-            out.append((f"I/O-bound, {broker}", pct, f"{pct:.2f} % of ideal (goal ≥ 98 %)", pct >= 98))
+            shown = f"{pct:.2f} % of ideal (goal ≥ 98 %)"
+            bare = median(values, broker, "djqueue", "io_threads")
+            if bare is not None:
+                shown += f"; the same jobs in 8 plain threads: {100 * bare / 160:.2f} %"
+            out.append((f"I/O-bound, {broker}", pct, shown, pct >= 98))
     for metric, scale in (("drain_1x8", "1 x 8"), ("drain_2x8", "2 x 8")):
         ratio("postgres", metric, "django-tasks", 5.0, f"drain, PostgreSQL, {scale}: djqueue / db_worker")
     for broker in ("redis", "rabbitmq"):
