@@ -30,11 +30,11 @@ WITH_DJANGO_TASKS = os.environ.get("BENCH_SYSTEM") == "django-tasks" or (
 )
 if WITH_DJANGO_TASKS:
     INSTALLED_APPS += ["django_tasks", "django_tasks_db"]
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
 if os.environ.get("BENCH_SYSTEM") == "dramatiq+django":
     # A Django project that runs Dramatiq: Django's own apps, not djqueue (whose actors
     # would also declare the benchmark's queue on RabbitMQ, with other arguments).
     INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
-    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
 
 SQLITE = {
     "ENGINE": "django.db.backends.sqlite3",
