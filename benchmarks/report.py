@@ -82,6 +82,11 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
+def ratio_text(value: float) -> str:
+    # Two significant digits at least: a latency a hundred times shorter is not "0.00 x".
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
 def cell(found: list[float] | None) -> str:
     if not found:
         return "-"
@@ -101,7 +106,7 @@ def broker_table(values: Table, broker: str) -> list[str]:
         mine = median(values, broker, "djqueue", metric)
         for peer in peers:
             theirs = median(values, broker, peer, metric)
-            ratios.append(f"{mine / theirs:.2f} x" if mine is not None and theirs else "-")
+            ratios.append(f"{ratio_text(mine / theirs)} x" if mine is not None and theirs else "-")
         lines.append("| " + " | ".join([label, unit, *(cell(v) for v in row), *ratios]) + " |")
     return lines
 
