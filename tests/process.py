@@ -35,7 +35,9 @@ def read_records(directory: Path) -> list[tuple[str, int, str]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    # Each record is one append, but a reader may see one that crosses a page boundary
+    # half written: the last line counts only once its newline is there.
+    for line in path.read_text().split("\n")[:-1]:
         message_id, pid, value = line.split(" ", 2)
         records.append((message_id, int(pid), value))
     return records
