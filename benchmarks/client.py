@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.client --system djqueue --mode single --task noop --count 20000``
 prints one JSON object: ``t0``/``t1`` (wall clock, s) around the sends and, for the
-latency mode, the measured delays (ms) from send to actor start.
+latency mode, the measured delays (ms) from send to actor start. ``--mode threads`` runs
+the task's work in plain threads instead, with no queue, and times that.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import argparse
 import importlib
 import json
 import os
+import queue
 import random
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 MODULES = {
@@ -58,15 +62,22 @@ def run_latency(
     return delays
 
 
-def run_threads(task: str, count: int, threads: int) -> None:
-    """Run ``count`` of the work's ``task`` in ``threads`` plain threads, no queue at all:
-    what the job itself allows on this machine."""
-    import queue
-    import threading
+def send_all(module: Any, mode: str, name: str, count: int, chunk: int) -> None:
+    """``count`` messages for the task ``name``: one ``send`` each, or in batches of ``chunk``."""
+    if mode == "single":
+        for _ in range(count):
+            module.send(name)
+        return
+    done = 0
+    while done < count:
+        size = min(chunk, count - done)
+        module.send_batch(name, size)
+        done += size
 
-    from benchmarks import work
 
-    job = getattr(work, task)
+def run_threads(job: Callable[[], None], count: int, threads: int, stagger: float) -> None:
+    """Run ``job`` ``count`` times in ``threads`` plain threads, no queue at all: what the
+    job itself allows on this machine."""
     jobs: queue.SimpleQueue[None] = queue.SimpleQueue()
     for _ in range(count):
         jobs.put(None)
@@ -74,7 +85,7 @@ def run_threads(task: str, count: int, threads: int) -> None:
     def run(index: int) -> None:
         # Started a fraction of a job apart, as a worker's threads end up: threads that
         # start together call Redis together, and wait on one another every round.
-        time.sleep(index * work.IO_SLEEP / threads)
+        time.sleep(index * stagger / threads)
         while True:
             try:
                 jobs.get_nowait()
@@ -105,32 +116,23 @@ def main(argv: list[str] | None = None) -> None:
 
     out: dict[str, Any] = {}
     if args.mode == "threads":
-        from benchmarks import work  # noqa: F401  (imported before the clock starts)
+        from benchmarks import work
 
+        job = getattr(work, args.task)
         out["t0"] = time.time()
-        run_threads(args.task, args.count, args.threads)
+        run_threads(job, args.count, args.threads, stagger=work.IO_SLEEP)
         out["t1"] = time.time()
-        json.dump(out, sys.stdout)
-        sys.stdout.write("\n")
-        return
-    module = load(args.system)
-    if args.mode == "latency":
-        out["delays"] = run_latency(module, args.count, args.gap_min, args.gap_max, args.warmup, args.budget)
     else:
-        send, send_batch = module.send, module.send_batch
-        name, count = args.task, args.count
-        out["t0"] = time.time()
-        if args.mode == "single":
-            for _ in range(count):
-                send(name)
+        module = load(args.system)
+        if args.mode == "latency":
+            out["delays"] = run_latency(
+                module, args.count, args.gap_min, args.gap_max, args.warmup, args.budget
+            )
         else:
-            done = 0
-            while done < count:
-                size = min(args.chunk, count - done)
-                send_batch(name, size)
-                done += size
-        out["t1"] = time.time()
-    module.close()
+            out["t0"] = time.time()
+            send_all(module, args.mode, args.task, args.count, args.chunk)
+            out["t1"] = time.time()
+        module.close()
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 

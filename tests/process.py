@@ -95,12 +95,14 @@ class Workers:
         """The supervisor's ``count`` worker processes, once the same ones are seen on two
         polls in a row: a child between its fork and its exec of another program is a
         Python process only for that instant."""
-        seen: list[list[int]] = [[]]
+        previous: list[int] = []
 
         def settled() -> list[int] | None:
+            nonlocal previous
             current = self.children()
-            previous, seen[0] = seen[0], current
-            return current if len(current) == count and current == previous else None
+            stable = len(current) == count and current == previous
+            previous = current
+            return current if stable else None
 
         return wait_for(settled, timeout, interval=0.1, message=f"{count} worker processes")
 
