@@ -114,6 +114,8 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         self.incoming: Delivery | None = None  # a delivery whose body is still arriving
         # Delivered on this connection, not settled yet: tag -> the queue it came from.
         self.unsettled: dict[int, str] = {}
+        # Acks and rejects of worker threads, waiting for whichever of them holds ``lock``.
+        self.settling: collections.deque[tuple[tuple[int, int], bytes]] = collections.deque()
         self.owner = threading.get_ident()  # the thread that runs __next__
         self.inside = False  # the owner is inside __next__
         self.cancelled = False
@@ -222,17 +224,25 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         with self.lock:
             self._write(pika.frame.Method(channel, method).marshal())
 
-    def _settle(self, proxy: MessageProxy, frame: bytes) -> bool:
-        generation, tag = proxy.tag
+    def _settle(self, proxy: MessageProxy, frame: bytes) -> None:
+        # Threads that finish together share one write: the thread that gets the lock
+        # writes every frame queued by then, so the others find theirs sent. Fewer, larger
+        # writes cost RabbitMQ fewer socket reads per message.
+        self.settling.append((proxy.tag, frame))
         with self.lock:
-            if generation != self.generation or self.unsettled.pop(tag, None) is None:
-                return False  # delivered on a connection that is gone: RabbitMQ gave it back
+            frames = []
+            while self.settling:
+                (generation, tag), frame = self.settling.popleft()
+                # Delivered on a connection that is gone: RabbitMQ gave it back already.
+                if generation == self.generation and self.unsettled.pop(tag, None) is not None:
+                    frames.append(frame)
+            if not frames:
+                return
             try:
-                self._write(frame)
+                self._write(b"".join(frames))
             except (Broken, OSError, ssl.SSLError):
                 # The consumer thread sees the connection fail; RabbitMQ redelivers.
-                logger.warning("could not settle %s: the connection is gone", proxy.message_id)
-        return True
+                logger.warning("could not settle %d message(s): the connection is gone", len(frames))
 
     # -- reading (the consumer thread) ----------------------------------------------
 
