@@ -115,7 +115,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         # Delivered on this connection, not settled yet: tag -> the queue it came from.
         self.unsettled: dict[int, str] = {}
         # Acks and rejects of worker threads, waiting for whichever of them holds ``lock``.
-        self.settling: collections.deque[tuple[tuple[int, int], bytes]] = collections.deque()
+        self.settling: collections.deque[tuple[tuple[int, int], bytes | None]] = collections.deque()
         self.owner = threading.get_ident()  # the thread that runs __next__
         self.inside = False  # the owner is inside __next__
         self.cancelled = False
@@ -224,25 +224,38 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         with self.lock:
             self._write(pika.frame.Method(channel, method).marshal())
 
-    def _settle(self, proxy: MessageProxy, frame: bytes) -> None:
+    def _settle(self, proxy: MessageProxy, frame: bytes | None) -> None:
+        """Ack (``frame`` None) or send ``frame`` for a delivery."""
         # Threads that finish together share one write: the thread that gets the lock
-        # writes every frame queued by then, so the others find theirs sent. Fewer, larger
-        # writes cost RabbitMQ fewer socket reads per message.
+        # writes every settlement queued by then, so the others find theirs sent. Fewer,
+        # larger writes cost RabbitMQ fewer socket reads per message.
         self.settling.append((proxy.tag, frame))
         with self.lock:
-            frames = []
+            settled: list[tuple[int, bytes | None]] = []
             while self.settling:
                 (generation, tag), frame = self.settling.popleft()
                 # Delivered on a connection that is gone: RabbitMQ gave it back already.
                 if generation == self.generation and self.unsettled.pop(tag, None) is not None:
-                    frames.append(frame)
-            if not frames:
+                    settled.append((tag, frame))
+            if not settled:
                 return
+            last = max(tag for tag, _ in settled)
+            if (
+                len(settled) > 1
+                and all(frame is None for _, frame in settled)
+                and (not self.unsettled or min(self.unsettled) > last)
+            ):
+                # Nothing delivered up to ``last`` is left unsettled: one ack covers them all.
+                data = _ACK_HEAD + struct.pack(">QB", last, 1) + b"\xce"
+            else:
+                data = b"".join(
+                    frame or _ACK_HEAD + struct.pack(">QB", tag, 0) + b"\xce" for tag, frame in settled
+                )
             try:
-                self._write(b"".join(frames))
+                self._write(data)
             except (Broken, OSError, ssl.SSLError):
                 # The consumer thread sees the connection fail; RabbitMQ redelivers.
-                logger.warning("could not settle %d message(s): the connection is gone", len(frames))
+                logger.warning("could not settle %d message(s): the connection is gone", len(settled))
 
     # -- reading (the consumer thread) ----------------------------------------------
 
@@ -483,7 +496,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
 
     def ack(self, proxy: MessageProxy) -> None:
         self.broker._flush_thread()  # what the job enqueued is confirmed before its ack
-        self._settle(proxy, _ACK_HEAD + struct.pack(">QB", proxy.tag[1], 0) + b"\xce")
+        self._settle(proxy, None)
 
     def nack(self, proxy: MessageProxy) -> None:
         self.broker._flush_thread()

@@ -344,6 +344,40 @@ def test_acks_from_worker_threads_land_while_the_consumer_waits(broker, queue):
     timer.join()
 
 
+def ack_together(consumer, proxies) -> None:
+    """Ack from one thread per message while the socket is busy, as worker threads that
+    finish during another's write do: they queue up, and one write settles them all."""
+    threads = [threading.Thread(target=consumer.ack, args=(p,)) for p in proxies]
+    with consumer.lock:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(consumer.settling) == len(proxies), message="acks queued")
+    for thread in threads:
+        thread.join(10)
+
+
+def given_back_after_a_crash(broker, queue: str, consumer) -> set[str]:
+    """Close ``consumer`` as a dying process would; what RabbitMQ gives back."""
+    consumer.close()
+    again = broker.consume(queue, prefetch=10, timeout=300)
+    back = set()
+    while (proxy := next(again)) is not None:
+        back.add(proxy.message_id)
+        again.ack(proxy)
+    again.close()
+    return back
+
+
+@pytest.mark.parametrize("running", [0, 1, 3], ids=["first", "middle", "last"])
+def test_acks_written_together_never_settle_a_message_still_running(broker, queue, running):
+    for n in range(4):
+        broker.enqueue(message(queue, n))
+    consumer = broker.consume(queue, prefetch=4, timeout=100)
+    taken = [take(consumer) for _ in range(4)]
+    ack_together(consumer, [p for i, p in enumerate(taken) if i != running])
+    assert given_back_after_a_crash(broker, queue, consumer) == {taken[running].message_id}
+
+
 def test_a_job_s_own_enqueues_are_confirmed_before_its_ack(broker, queue):
     broker.enqueue(message(queue, "job"))
     consumer = broker.consume(queue, prefetch=1, timeout=100)
