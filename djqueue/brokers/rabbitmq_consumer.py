@@ -52,6 +52,11 @@ _UNPACK_TAG = struct.Struct(">QB").unpack_from
 _UNPACK_SIZE_FLAGS = struct.Struct(">QH").unpack_from
 
 
+def ack_frame(tag: int, multiple: bool = False) -> bytes:
+    """basic.ack on channel 1, packed by hand: it is written once per message."""
+    return _ACK_HEAD + struct.pack(">QB", tag, multiple) + b"\xce"
+
+
 def redelivered_queue(queue_name: str) -> str:
     return f"{queue_name}.RQ"
 
@@ -246,11 +251,9 @@ class RabbitmqConsumer(AmqpClient, Consumer):
                 and (not self.unsettled or min(self.unsettled) > last)
             ):
                 # Nothing delivered up to ``last`` is left unsettled: one ack covers them all.
-                data = _ACK_HEAD + struct.pack(">QB", last, 1) + b"\xce"
+                data = ack_frame(last, multiple=True)
             else:
-                data = b"".join(
-                    frame or _ACK_HEAD + struct.pack(">QB", tag, 0) + b"\xce" for tag, frame in settled
-                )
+                data = b"".join(frame or ack_frame(tag) for tag, frame in settled)
             try:
                 self._write(data)
             except (Broken, OSError, ssl.SSLError):
@@ -461,7 +464,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
     def _ack_tag(self, tag: int) -> None:
         with self.lock:
             if self.unsettled.pop(tag, None) is not None:
-                self._write(_ACK_HEAD + struct.pack(">QB", tag, 0) + b"\xce")
+                self._write(ack_frame(tag))
 
     def _entry(self, routing_key: str, body: bytes, priority: int, deliveries: int) -> Pending:
         priority = min(max(int(priority), 0), self.broker.max_priority)

@@ -27,6 +27,7 @@ from djqueue.brokers.rabbitmq import (
     publish_frames,
     redelivered_queue,
 )
+from djqueue.brokers.rabbitmq_consumer import ack_frame
 from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.message import Message, current_millis
 from tests.process import ROOT, wait_for
@@ -117,6 +118,12 @@ def test_hand_written_publish_frames_equal_pikas(priority, size, headers):
     for start in range(0, len(body), frame_max - 8):
         expected += pika.frame.Body(1, body[start : start + frame_max - 8]).marshal()
     assert publish_frames(b"djqueue.delay.3", b"0.1.q", body, priority, frame_max, headers) == expected
+
+
+@pytest.mark.parametrize("multiple", [False, True])
+@pytest.mark.parametrize("tag", [1, 2**40 + 7])
+def test_hand_written_ack_frames_equal_pikas(tag, multiple):
+    assert ack_frame(tag, multiple) == pika.frame.Method(1, spec.Basic.Ack(tag, multiple)).marshal()
 
 
 @pytest.mark.parametrize("delay", [1, 2, 3, 500, 1500, 86_400_000, 2**DELAY_LEVELS - 1])
