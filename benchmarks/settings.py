@@ -24,7 +24,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "djqueue", "benchmarks.djapp"]
 # Only django-tasks' own processes (and migrate) load it, so it weighs on nobody else's
-# memory; djqueue-only runs (the smoke mode in CI) do without it installed.
+# memory; djqueue-only runs do without it installed.
 WITH_DJANGO_TASKS = os.environ.get("BENCH_SYSTEM") == "django-tasks" or (
     os.environ.get("BENCH_MIGRATE") and importlib.util.find_spec("django_tasks_db") is not None
 )
