@@ -222,8 +222,8 @@ def write(records: list[dict[str, Any]], meta: dict[str, Any], output: Path, cha
         "",
         f"- Run: {meta.get('started')}, {meta.get('minutes', 0):.0f} min, "
         f"`{meta.get('argv') or '(defaults)'}`; Python {meta.get('python')}, "
-        f"{meta.get('cpus')} CPUs, servers on loopback, shared with other work (see the load column of "
-        "`results.json`).",
+        f"{meta.get('cpus')} CPUs, which the servers (on loopback) share with the workers and clients "
+        "(load average per cell in `results.json`).",
         f"- Each cell repeated {meta.get('repeat')} times, systems alternating; **median** (min-max).",
         *([f"- From a later run: {meta['followup']}."] if meta.get("followup") else []),
         f"- Counts: {meta.get('messages'):,} messages (Redis, RabbitMQ), "
