@@ -229,12 +229,14 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         with self.lock:
             self._write(pika.frame.Method(channel, method).marshal())
 
-    def _settle(self, proxy: MessageProxy, frame: bytes | None) -> None:
-        """Ack (``frame`` None) or send ``frame`` for a delivery."""
+    def _settle(self, key: tuple[int, int], frame: bytes | None) -> None:
+        """Ack (``frame`` None) or send ``frame`` for the delivery ``key`` (generation,
+        delivery tag): the one place a delivery is settled, so that a tag of a connection
+        that is gone never settles the delivery of the same number on its successor."""
         # Threads that finish together share one write: the thread that gets the lock
         # writes every settlement queued by then, so the others find theirs sent. Fewer,
         # larger writes cost RabbitMQ fewer socket reads per message.
-        self.settling.append((proxy.tag, frame))
+        self.settling.append((key, frame))
         with self.lock:
             settled: list[tuple[int, bytes | None]] = []
             while self.settling:
@@ -447,7 +449,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
             # Run it now, counted in memory only: better than holding up the queue.
             logger.warning("could not send a redelivered message round (%s); running it", e)
             return False
-        self._ack_tag(delivery.tag)
+        self._settle((self.generation, delivery.tag), None)
         return True
 
     def _redelay(self, message: Message, delivery: Delivery) -> bool:
@@ -458,13 +460,8 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         except (BrokerError, ValueError, TypeError) as e:
             logger.warning("could not delay %s again (%s); running it early", message.message_id, e)
             return False
-        self._ack_tag(delivery.tag)
+        self._settle((self.generation, delivery.tag), None)
         return True
-
-    def _ack_tag(self, tag: int) -> None:
-        with self.lock:
-            if self.unsettled.pop(tag, None) is not None:
-                self._write(ack_frame(tag))
 
     def _entry(self, routing_key: str, body: bytes, priority: int, deliveries: int) -> Pending:
         priority = min(max(int(priority), 0), self.broker.max_priority)
@@ -476,8 +473,8 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         with publisher.lock:
             publisher.publish(entries, 1)  # confirmed before the original is acked
 
-    def _return(self, items: list[tuple[int, str, bytes, int, int]]) -> None:
-        """Give (tag, source queue, body, priority, earlier deliveries) back uncounted:
+    def _return(self, items: list[tuple[tuple[int, int], str, bytes, int, int]]) -> None:
+        """Give ((generation, tag), source queue, body, priority, earlier deliveries) back uncounted:
         published again with the count they had, then acked. A basic.reject with requeue
         would bring them back "redelivered", counted."""
         if not items:
@@ -487,24 +484,23 @@ class RabbitmqConsumer(AmqpClient, Consumer):
             self._publish(entries)
         except (BrokerError, ValueError, TypeError) as e:
             logger.warning("could not give %d message(s) back uncounted (%s): requeueing", len(entries), e)
-            with self.lock:
-                for tag, *_ in items:
-                    if self.unsettled.pop(tag, None) is not None:
-                        self._write(pika.frame.Method(1, spec.Basic.Reject(tag, requeue=True)).marshal())
+            for (generation, tag), *_ in items:
+                reject = pika.frame.Method(1, spec.Basic.Reject(tag, requeue=True)).marshal()
+                self._settle((generation, tag), reject)
             return
-        for tag, *_ in items:
-            self._ack_tag(tag)
+        for key, *_ in items:
+            self._settle(key, None)
 
     # -- the contract's verbs (any thread) ------------------------------------------
 
     def ack(self, proxy: MessageProxy) -> None:
         self.broker._flush_thread()  # what the job enqueued is confirmed before its ack
-        self._settle(proxy, None)
+        self._settle(proxy.tag, None)
 
     def nack(self, proxy: MessageProxy) -> None:
         self.broker._flush_thread()
         reject = pika.frame.Method(1, spec.Basic.Reject(proxy.tag[1], requeue=False)).marshal()
-        self._settle(proxy, reject)  # RabbitMQ dead-letters it into q.DQ
+        self._settle(proxy.tag, reject)  # RabbitMQ dead-letters it into q.DQ
 
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
         self.broker._flush_thread()
@@ -519,7 +515,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
                 priority = (
                     message.priority if message is not None and isinstance(message.priority, int) else 0
                 )
-                items.append((tag, source, proxy.data or b"", priority, proxy.delivery_count - 1))
+                items.append((proxy.tag, source, proxy.data or b"", priority, proxy.delivery_count - 1))
         try:
             self._return(items)
         except (Broken, *RECOVERABLE) as e:
@@ -543,7 +539,7 @@ class RabbitmqConsumer(AmqpClient, Consumer):
                 self._send_method(1, spec.Basic.Cancel(consumer_tag))
                 self._expect(spec.Basic.CancelOk, deadline)
             unread = [
-                (d.tag, d.source, d.body, d.priority, d.earlier)
+                ((self.generation, d.tag), d.source, d.body, d.priority, d.earlier)
                 for d in self.buffer
                 if not d.redelivered and d.tag in self.unsettled
             ]

@@ -547,6 +547,26 @@ def test_after_a_lost_connection_stale_tags_are_never_acked(broker, queue):
     wait_for(lambda: broker.get_queue_stats(queue).ready == 3, message="all three back in the queue")
 
 
+def test_a_give_back_that_outlives_its_connection_never_settles_a_delivery_of_the_next(broker, queue):
+    for n in range(3):
+        broker.enqueue(message(queue, n))
+    consumer = broker.consume(queue, prefetch=3, timeout=200)
+    first, second, third = (take(consumer) for _ in range(3))
+    consumer.ack(first)
+    consumer.ack(second)
+    close_connection(consumer.connection_name)
+    broker.enqueue(message(queue, "fresh"))
+    # On the new channel, tag 1 is `third` redelivered (sent round through q.RQ and
+    # acked); tags 2 and 3 are the fresh message and that copy: running now.
+    running = [take(consumer, timeout=30) for _ in range(2)]
+    assert third.tag[1] in {proxy.tag[1] for proxy in running}
+    # A give-back (requeue at shutdown) whose connection died while it republished.
+    consumer._return([(third.tag, queue, third.data, 0, 0)])
+    # It may publish a copy (at least once); it must not settle what is running.
+    assert all(proxy.tag[1] in consumer.unsettled for proxy in running), "settled by a stale tag"
+    consumer.close()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_worker_survives_a_lost_consumer_connection_without_losing_messages(make_broker, queue):
     broker = make_broker(middleware=None)
