@@ -25,8 +25,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, CroniterError, croniter
-
 from ..brokers.base import validate_queue_name
 from ..errors import ConfigurationError
 
@@ -41,6 +39,15 @@ _MICROSECOND = timedelta(microseconds=1)
 # A fire time is searched segment by segment between UTC-offset changes; a schedule
 # that crosses more transitions than this before matching is treated as never firing.
 _MAX_SEGMENTS = 64
+
+
+def _croniter() -> Any:
+    # Imported on first use, not with this module: croniter's import runs ``file`` on the
+    # Python binary (platform.architecture()) and weighs about 1 MB, which every process
+    # that loads the admin would pay without ever computing a fire time.
+    import croniter
+
+    return croniter
 
 
 class Problem(NamedTuple):
@@ -64,9 +71,10 @@ class Schedule:
             raise ConfigurationError(f"a schedule must be a crontab string, not {expression!r}")
         self.expression = " ".join(expression.split())
         self.zone = zone
+        cron = _croniter()
         try:
-            expanded = croniter(self.expression, datetime(2000, 1, 1)).expanded
-        except (CroniterError, ValueError, TypeError, KeyError) as e:
+            expanded = cron.croniter(self.expression, datetime(2000, 1, 1)).expanded
+        except (cron.CroniterError, ValueError, TypeError, KeyError) as e:
             raise ConfigurationError(f"{self.expression!r} is not a valid crontab: {e}") from None
         hours = expanded[1]
         # Every-hour schedules follow elapsed time across DST transitions (module docstring).
@@ -77,9 +85,10 @@ class Schedule:
 
     def _next_wall(self, wall: datetime, *, inclusive: bool) -> datetime:
         start = wall - _MICROSECOND if inclusive else wall
+        cron = _croniter()
         try:
-            return croniter(self.expression, start).get_next(datetime)
-        except CroniterBadDateError:
+            return cron.croniter(self.expression, start).get_next(datetime)
+        except cron.CroniterBadDateError:
             raise ConfigurationError(f"the schedule {self.expression!r} never fires") from None
 
     def _offset(self, instant: datetime) -> timedelta:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -11,6 +13,7 @@ from croniter import croniter
 
 from djqueue.errors import ConfigurationError
 from djqueue.scheduling.crontab import CrontabEntry, Schedule, parse_entries
+from tests.process import ROOT
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -259,3 +262,27 @@ def test_a_bad_entry_names_itself(value, fragment):
 
 def _take(iterator, count):
     return [next(iterator) for _ in range(count)]
+
+
+def test_croniter_is_imported_only_when_a_fire_time_is_computed():
+    # The admin imports the crontab module in every web process; croniter's import runs a
+    # program (`file`) and weighs about 1 MB, so it must wait for the first schedule.
+    code = (
+        "import sys; from datetime import UTC, datetime; "
+        "from django.conf import settings; "
+        "settings.configure(INSTALLED_APPS=['django.contrib.contenttypes', 'django.contrib.auth', "
+        "'django.contrib.admin', 'django.contrib.sessions', 'django.contrib.messages', 'djqueue'], "
+        "DATABASES={'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}}, "
+        "DJQUEUE={'BROKER_URL': 'stub://'}); "
+        "import django; django.setup(); import djqueue.admin; "
+        "from zoneinfo import ZoneInfo; from djqueue.scheduling.crontab import Schedule; "
+        "print('croniter' in sys.modules); "
+        "print(Schedule('0 3 * * *', ZoneInfo('UTC'))"
+        ".next_after(datetime(2024, 1, 1, tzinfo=UTC)).isoformat()); "
+        "print('croniter' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "2024-01-01T03:00:00+00:00", "True"]
