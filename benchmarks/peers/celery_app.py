@@ -56,5 +56,9 @@ def send_batch(name: str, count: int) -> None:
     group(TASKS[name].s() for _ in range(count)).apply_async()
 
 
+def flush() -> None:
+    """Nothing to wait for: a Celery send has published its message when it returns."""
+
+
 def close() -> None:
     app.pool.force_close_all()

@@ -16,6 +16,15 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
 django.setup()
 
-from benchmarks.peers.dramatiq_app import broker, close, noop, ping, send, send_batch, sleepy  # noqa: E402
+from benchmarks.peers.dramatiq_app import (  # noqa: E402
+    broker,
+    close,
+    flush,
+    noop,
+    ping,
+    send,
+    send_batch,
+    sleepy,
+)
 
-__all__ = ["broker", "close", "noop", "ping", "send", "send_batch", "sleepy"]
+__all__ = ["broker", "close", "flush", "noop", "ping", "send", "send_batch", "sleepy"]
