@@ -128,6 +128,14 @@ class Statements:
             if acks:
                 acked = f"acked AS ({self.delete_sql.format('= ANY(%s)')}), "
                 acked_params = [owner, acks]
+                # Every part of the statement sees the rows as they were before it: an acked
+                # row whose lease ran out (acks wait out a database outage) would also be
+                # due, and PostgreSQL applies only one of the DELETE and the UPDATE.
+                due = (
+                    f"FROM {self.table} WHERE queue_name = %s AND available_at <= %s {fresh}"
+                    f"AND id <> ALL(%s) {ORDER} LIMIT %s"
+                )
+                select = [queue, now, acks, count]
             sql = (
                 f"WITH {acked}claimed AS (SELECT id, available_at {due} FOR UPDATE SKIP LOCKED), "
                 f"leased AS (UPDATE {self.table} AS m SET {LEASE} FROM claimed WHERE m.id = claimed.id "

@@ -23,8 +23,10 @@ from djqueue import Message, Worker, actor, get_current_message
 from djqueue.brokers import broker_from_url
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.database import DatabaseBroker
+from djqueue.brokers.database_sql import Statements
 from djqueue.checks import _check_url
 from djqueue.errors import ConfigurationError
+from djqueue.message import current_millis
 from djqueue.models import DeadLetter, QueuedMessage
 from tests.process import ROOT, wait_for
 
@@ -236,6 +238,28 @@ def test_the_heartbeat_keeps_a_long_jobs_lease(make, alias, queue):
     consumer.close()
     assert rows(alias, queue) == 0
     rival.close()
+
+
+def test_an_acked_message_whose_lease_ran_out_is_deleted_not_claimed_again(alias, queue):
+    # Acks wait in the consumer while the database is unreachable, and the lease of an
+    # acked message may run out meanwhile: the claim that finally carries the ack must
+    # delete that row, not lease it again (its job would run twice).
+    now = current_millis()
+    acked = QueuedMessage.objects.using(alias).create(
+        queue_name=queue,
+        message_id="acked",
+        available_at=now - 1000,
+        payload=b"{}",
+        created_at=now - 60_000,
+        delivery_count=1,
+        lease_owner="owner-a",
+    )
+    with connections[alias].cursor() as cursor:
+        claimed = Statements(connections[alias].vendor).claim(
+            cursor, queue, "owner-a", 5, now, now + 30_000, [acked.id]
+        )
+    assert claimed.rows == []
+    assert rows(alias, queue) == 0
 
 
 CLAIM_AND_HANG = """
