@@ -79,9 +79,9 @@ class Worker:
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         abandoned = [w.current for w in self.workers if w.is_alive() and w.current is not None]
-        for consumer_thread, proxy in abandoned:
+        for consumer_thread, consumer, proxy in abandoned:
             logger.warning("message %s did not finish in time; giving it back", proxy.message_id)
-            _safe(consumer_thread.consumer.requeue, [proxy])
+            consumer_thread.give_back(consumer, [proxy])
         self._requeue_unstarted()
         for consumer in self.consumers.values():
             consumer.close_now.set()
@@ -90,7 +90,7 @@ class Worker:
         self.broker.emit_after("worker_shutdown", self)
 
     def _requeue_unstarted(self) -> None:
-        pending: dict[_ConsumerThread, list[MessageProxy]] = {}
+        pending: dict[tuple[_ConsumerThread, Consumer], list[MessageProxy]] = {}
         while True:
             try:
                 item = self.work_queue.get_nowait()
@@ -98,10 +98,10 @@ class Worker:
                 break
             if item is _STOP:
                 continue
-            consumer_thread, proxy = item
-            pending.setdefault(consumer_thread, []).append(proxy)
-        for consumer_thread, proxies in pending.items():
-            _safe(consumer_thread.consumer.requeue, proxies)
+            consumer_thread, consumer, proxy = item
+            pending.setdefault((consumer_thread, consumer), []).append(proxy)
+        for (consumer_thread, consumer), proxies in pending.items():
+            consumer_thread.give_back(consumer, proxies)
 
     def join(self, timeout: int | None = None) -> None:
         """Wait until every consumed queue is empty and nothing is running (for tests).
@@ -121,7 +121,9 @@ class Worker:
                 raise TimeoutError(f"worker still busy after {timeout} ms")
             time.sleep(0.01)
 
-    def process_message(self, consumer_thread: _ConsumerThread, proxy: MessageProxy) -> None:
+    def process_message(
+        self, consumer_thread: _ConsumerThread, consumer: Consumer, proxy: MessageProxy
+    ) -> None:
         broker = self.broker
         # The broker's lists of overridden hooks, looked up per message (middleware may be
         # added at any time); calling them here rather than through emit_before/emit_after
@@ -162,7 +164,11 @@ class Worker:
             if not proxy.failed:
                 logger.warning("%s failed: %r", proxy.message, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             broker.emit_after("process_message", proxy, exception=e)
-        self.settle(consumer_thread.consumer, proxy)
+        # On the consumer that delivered it: the thread may have replaced that one since.
+        try:
+            self.settle(consumer, proxy)
+        finally:
+            consumer_thread.settled(consumer)
 
     def settle(self, consumer: Consumer, proxy: MessageProxy) -> None:
         broker = self.broker
@@ -210,43 +216,86 @@ class _ConsumerThread(threading.Thread):
         self.stop_fetching = threading.Event()
         self.fetching_stopped = threading.Event()
         self.close_now = threading.Event()
-        self.consumer = self._connect()
+        self.consumer: Consumer | None = self._connect()
+        # Messages handed to the worker threads and not yet settled, per consumer; a
+        # consumer that failed is retired, not closed, while some of its messages run:
+        # closing gives back everything it holds, and a running message given back
+        # would run twice at once.
+        self.lock = threading.Lock()
+        self.unsettled: dict[Consumer, int] = {}
+        self.retired: set[Consumer] = set()
 
     def _connect(self) -> Consumer:
         worker = self.worker
         return worker.broker.consume(self.queue_name, prefetch=worker.prefetch, timeout=worker.worker_timeout)
 
+    def settled(self, consumer: Consumer, count: int = 1) -> None:
+        """``count`` messages of ``consumer`` were acked, nacked or given back."""
+        with self.lock:
+            left = self.unsettled[consumer] = self.unsettled.get(consumer, 0) - count
+            done = left <= 0 and consumer in self.retired
+            if done:
+                self.retired.discard(consumer)
+                self.unsettled.pop(consumer, None)
+        if done:
+            _safe(lambda _: consumer.close(), None)
+
+    def give_back(self, consumer: Consumer, proxies: list[MessageProxy]) -> None:
+        try:
+            _safe(consumer.requeue, proxies)
+        finally:
+            self.settled(consumer, len(proxies))
+
+    def _retire(self, consumer: Consumer) -> None:
+        with self.lock:
+            busy = self.unsettled.get(consumer, 0) > 0
+            if busy:
+                self.retired.add(consumer)
+            else:
+                self.unsettled.pop(consumer, None)
+        if not busy:
+            _safe(lambda _: consumer.close(), None)
+
     def run(self) -> None:
         backoff = 0.1
         put = self.worker.work_queue.put
         while not self.stop_fetching.is_set():
+            consumer = self.consumer
             try:
-                proxy = next(self.consumer)
+                if consumer is None:
+                    consumer = self.consumer = self._connect()
+                proxy = next(consumer)
             except Exception:
-                logger.exception("consumer of %r failed; reconnecting in %.1fs", self.queue_name, backoff)
-                _safe(lambda _: self.consumer.close(), None)
+                if consumer is None:
+                    logger.exception("could not reconnect the consumer of %r", self.queue_name)
+                else:
+                    logger.exception("consumer of %r failed; reconnecting in %.1fs", self.queue_name, backoff)
+                    self.consumer = None
+                    self._retire(consumer)
                 if self.stop_fetching.wait(backoff):
                     break
                 backoff = min(backoff * 2, 30.0)
-                try:
-                    self.consumer = self._connect()
-                except Exception:
-                    logger.exception("could not reconnect the consumer of %r", self.queue_name)
                 continue
             backoff = 0.1
             if proxy is not None:
-                put((self, proxy))
+                with self.lock:
+                    self.unsettled[consumer] = self.unsettled.get(consumer, 0) + 1
+                put((self, consumer, proxy))
         self.fetching_stopped.set()
         self.worker.broker.emit_before("consumer_thread_shutdown", self)
         self.close_now.wait()
-        _safe(lambda _: self.consumer.close(), None)
+        with self.lock:
+            consumers = [*self.retired, *([self.consumer] if self.consumer is not None else [])]
+            self.retired.clear()
+        for consumer in consumers:
+            _safe(lambda c: c.close(), consumer)
 
 
 class _WorkerThread(threading.Thread):
     def __init__(self, worker: Worker) -> None:
         super().__init__(name="djqueue-worker", daemon=True)
         self.worker = worker
-        self.current: tuple[_ConsumerThread, MessageProxy] | None = None
+        self.current: tuple[_ConsumerThread, Consumer, MessageProxy] | None = None
 
     def run(self) -> None:
         worker = self.worker
@@ -257,8 +306,8 @@ class _WorkerThread(threading.Thread):
             if item is _STOP:
                 break
             if worker.stopping.is_set():
-                consumer_thread, proxy = item
-                _safe(consumer_thread.consumer.requeue, [proxy])
+                consumer_thread, consumer, proxy = item
+                consumer_thread.give_back(consumer, [proxy])
                 continue
             self.current = item
             try:

@@ -284,6 +284,44 @@ def test_a_dead_consumers_messages_are_redelivered(make_broker, queue, raw, name
     assert raw.zcard(f"{namespace}:heartbeats") == 1  # only the live consumer
 
 
+def blocking_clients(raw: Any) -> set[str]:
+    db = str(raw.connection_pool.connection_kwargs.get("db", 0))
+    return {c["id"] for c in raw.client_list() if c.get("cmd") == "blpop" and c.get("db") == db}
+
+
+def test_a_consumer_that_fails_while_its_job_runs_does_not_give_that_job_back(make_broker, queue, raw):
+    # The worker replaces a consumer whose next() failed (here: the connection it blocks
+    # on was cut). Closing it then would give back the job a thread is still running,
+    # and the replacement would start that job again beside it.
+    broker = make_broker()
+    starts: list[int] = []
+    release = threading.Event()
+
+    @actor(broker=broker, actor_name="slow", queue_name=queue)
+    def slow(n: int) -> None:
+        starts.append(n)
+        release.wait(20)
+
+    worker = Worker(broker, queues=[queue], worker_threads=2, worker_timeout=2000)
+    worker.start()
+    try:
+        slow.send(1)
+        wait_for(lambda: starts, message="the job to start")
+        cut = wait_for(lambda: blocking_clients(raw), message="the idle consumer to block")
+        for client_id in cut:
+            raw.client_kill_filter(_id=client_id)
+        # The replacement consumer blocks in its turn once it found nothing to fetch.
+        wait_for(lambda: blocking_clients(raw) - cut, message="the replacement consumer to block")
+        assert starts == [1]
+        release.set()
+        worker.join(10_000)
+        assert starts == [1]
+        assert settled(broker, queue)
+    finally:
+        release.set()
+        worker.stop(5_000)
+
+
 def test_a_live_consumers_heartbeat_keeps_a_long_job(make_broker, queue):
     holder_broker = make_broker(heartbeat_timeout=300)
     holder_broker.enqueue(make_message(queue, "long"))
