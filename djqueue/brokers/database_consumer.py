@@ -261,7 +261,18 @@ class DatabaseConsumer(Consumer):
                     self.check_at = time.monotonic() + self.check_every
             else:
                 self.check_at = float("inf")
-        self._give_back(orphans)
+        try:
+            self._give_back(orphans)
+        except DatabaseError as e:
+            # Raising would make the worker close this consumer, which gives back the
+            # messages its threads are running too; these few can wait for their lease.
+            logger.warning(
+                "database broker: could not give back %d message(s) of %r (%s); "
+                "they will be delivered again when their lease runs out",
+                len(orphans),
+                self.queue_name,
+                e,
+            )
 
     def _failed(self, error: DatabaseError) -> None:
         if is_locked(error):

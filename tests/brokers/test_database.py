@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from django.db import connections, transaction
+from django.db import OperationalError, connections, transaction
 
 from djqueue import Message, Worker, actor, get_current_message
 from djqueue.brokers import broker_from_url
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.database import DatabaseBroker
-from djqueue.brokers.database_sql import Statements
+from djqueue.brokers.database_sql import ISOLATE_AFTER, Statements
 from djqueue.checks import _check_url
 from djqueue.errors import ConfigurationError
 from djqueue.message import current_millis
@@ -260,6 +260,34 @@ def test_an_acked_message_whose_lease_ran_out_is_deleted_not_claimed_again(alias
         )
     assert claimed.rows == []
     assert rows(alias, queue) == 0
+
+
+def test_a_failed_give_back_of_skipped_messages_does_not_fail_the_consumer(make, alias, queue, monkeypatch):
+    # A claim may return several much-delivered messages; the consumer keeps one and
+    # gives the others back. If that give-back fails, next() must not raise: the worker
+    # would replace the consumer, and closing it gives back the messages being run.
+    broker = make()
+    now = current_millis()
+    for n in range(3):
+        QueuedMessage.objects.using(alias).create(
+            queue_name=queue,
+            message_id=f"m{n}",
+            available_at=now - 1000,
+            payload=message(queue, n).encode(),
+            created_at=now - 60_000,
+            delivery_count=ISOLATE_AFTER + 1,
+        )
+    consumer = broker.consume(queue, prefetch=4, timeout=0)
+
+    def unreachable(*args: Any) -> None:
+        raise OperationalError("the database went away")  # a real outage cannot be timed here
+
+    monkeypatch.setattr(broker.sql, "requeue", unreachable)
+    proxy = take(consumer)
+    assert proxy.delivery_count == ISOLATE_AFTER + 2
+    monkeypatch.undo()
+    consumer.ack(proxy)
+    consumer.close()
 
 
 CLAIM_AND_HANG = """
