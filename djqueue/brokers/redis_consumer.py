@@ -114,6 +114,7 @@ class RedisConsumer(Consumer):
         # one, fetches skip other such messages (see redis_scripts.py).
         self.isolated: bytes | None = None
         self.pending: list[bytes] = []  # acked, to flush with the next fetch
+        self.nacks: list[bytes] = []  # nacks that failed, sent again before the next fetch
         self.pending_since = 0.0
         self.opened_at: float | None = None  # when capacity opened since the last fetch
         self.refill = max(1, self.prefetch // 4)
@@ -148,7 +149,7 @@ class RedisConsumer(Consumer):
     def _should_fetch(self, now: float) -> bool:
         # Under the lock. Acks ride along with fetches; they are sent on their own only
         # when no fetch comes within ACK_FLUSH_DELAY, or before blocking.
-        if self.pending and (self.idle or now - self.pending_since >= ACK_FLUSH_DELAY):
+        if self.nacks or (self.pending and (self.idle or now - self.pending_since >= ACK_FLUSH_DELAY)):
             return True
         if self.buffer or self.idle:
             return False
@@ -160,6 +161,15 @@ class RedisConsumer(Consumer):
         return capacity >= self.refill or self.opened_at is None or now - self.opened_at >= REFILL_DELAY
 
     def _fetch(self) -> None:
+        with self.lock:
+            nacks, self.nacks = self.nacks, []
+        for i, tag in enumerate(nacks):
+            try:
+                self._send_nack(tag)
+            except Exception:
+                with self.lock:
+                    self.nacks[:0] = nacks[i:]
+                raise
         with self.lock:
             acks, self.pending = self.pending, []
             count = max(0, self.prefetch - len(self.outstanding))
@@ -231,7 +241,9 @@ class RedisConsumer(Consumer):
                 return
             self.closed = True
             acks, self.pending = self.pending, []
-            never_handed_out = [tag for tag, _, _ in self.buffer]
+            # A failed nack's message is given back: it fails again and is dead-lettered then.
+            never_handed_out = [tag for tag, _, _ in self.buffer] + self.nacks
+            self.nacks = []
             self.buffer.clear()
             self.outstanding.clear()
             self.isolated = None
@@ -263,14 +275,33 @@ class RedisConsumer(Consumer):
                     self.pending_since = time.monotonic()
                 self.pending.append(proxy.tag)
                 return
-        self.broker.run("ack", [self.queue_name, self.cid, proxy.tag], retry=True)
+        try:
+            self.broker.run("ack", [self.queue_name, self.cid, proxy.tag], retry=True)
+        except Exception:
+            # Sent again with the next fetch (acks are idempotent); dropped, the message
+            # would stay in flight, kept there by this consumer's heartbeats, until close.
+            with self.lock:
+                if not self.closed:
+                    if not self.pending:
+                        self.pending_since = time.monotonic()
+                    self.pending.append(proxy.tag)
+            raise
 
     def nack(self, proxy: MessageProxy) -> None:
         with self.lock:
             if not self._settle(proxy):
                 return
+        try:
+            self._send_nack(proxy.tag)
+        except Exception:
+            with self.lock:
+                if not self.closed:
+                    self.nacks.append(proxy.tag)
+            raise
+
+    def _send_nack(self, tag: bytes) -> None:
         broker = self.broker
-        broker.run("nack", [self.queue_name, self.cid, broker.dead_letter_ttl, proxy.tag], retry=True)
+        broker.run("nack", [self.queue_name, self.cid, broker.dead_letter_ttl, tag], retry=True)
 
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
         with self.lock:

@@ -574,7 +574,11 @@ def private_redis(tmp_path) -> Any:
 
     def start() -> None:
         process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            # Its data outlives a stop and start, as a real server's does across a restart.
+            [
+                *("redis-server", "--port", str(port), "--save", "", "--dir", str(tmp_path)),
+                *("--appendonly", "yes", "--appendfsync", "always"),
+            ],
             stdout=subprocess.DEVNULL,
         )
         processes.append(process)
@@ -626,6 +630,27 @@ def test_a_worker_recovers_when_redis_comes_back(make_broker, queue, private_red
     finally:
         worker.stop(timeout=5_000)
     assert done == [1, 3]
+
+
+def test_an_ack_or_nack_that_failed_is_sent_again(make_broker, queue, private_redis):
+    url, start, stop = private_redis
+    broker = make_broker(url)
+    for n in (1, 2):
+        broker.enqueue(make_message(queue, n))
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    done, failed = take(consumer), take(consumer)
+    stop()
+    with pytest.raises(ConnectionError):
+        consumer.ack(done)
+    with pytest.raises(ConnectionError):
+        consumer.nack(failed)
+    start()
+    broker.enqueue(make_message(queue, 3))
+    assert take(consumer).message.args == (3,)
+    # Sent with that fetch: nothing is left in flight but message 3, and 2 is dead.
+    stats = broker.get_queue_stats(queue)
+    assert (stats.ready, stats.in_flight, stats.dead) == (0, 1, 1)
+    consumer.close()
 
 
 def test_scripts_are_loaded_again_after_a_script_flush(make_broker, queue, private_redis):
