@@ -103,6 +103,9 @@ class MessageProxy:
         self.exception: BaseException | None = None
         self.traceback: str | None = None
         self.result: Any = None
+        # Set by the DeadLetters middleware once the DeadLetter row is stored: a broker
+        # whose nack drops the message (the database broker) keeps it while this is False.
+        self.dead_lettered = False
 
     @classmethod
     def malformed(

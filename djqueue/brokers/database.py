@@ -84,6 +84,14 @@ class DatabaseBroker(Broker):
         self._listener: Listener | None = None
         super().__init__(middleware, **kwargs)
 
+    @property
+    def keeps_dead_letters(self) -> bool:
+        """Whether failed messages are kept as DeadLetter rows (the DeadLetters middleware):
+        this broker has no dead-letter store of its own."""
+        from ..middleware.dead_letters import DeadLetters
+
+        return any(isinstance(m, DeadLetters) for m in self.middleware)
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> DatabaseBroker:
         return cls(alias=_parse_alias(url), **options)

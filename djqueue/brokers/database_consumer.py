@@ -334,9 +334,28 @@ class DatabaseConsumer(Consumer):
             if maintenance is not None:
                 maintenance.poke()
 
-    # The DeadLetters middleware wrote the DeadLetter row (the database broker's dead
-    # letter store) before nack is called: the queued row just goes, like an ack.
-    nack = ack
+    def nack(self, proxy: MessageProxy) -> None:
+        # The DeadLetters middleware wrote the DeadLetter row (the database broker's dead
+        # letter store) before nack is called: the queued row just goes, like an ack.
+        # If that row could not be written, deleting would lose the message: it comes
+        # back once a lease has passed, to fail and be dead-lettered again.
+        if proxy.dead_lettered or not self.broker.keeps_dead_letters:
+            self.ack(proxy)
+            return
+        with self.cond:
+            if proxy.tag not in self.held:
+                return
+            self.held.discard(proxy.tag)
+            if proxy.tag == self.isolated:
+                self._release_isolated()
+            self.cond.notify_all()
+        logger.error(
+            "database broker: the dead letter of %s was not stored; it is delivered again in %d ms",
+            proxy.message_id,
+            self.broker.lease,
+        )
+        later = current_millis() + self.broker.lease
+        self.db.run(partial(self.sql.requeue, [proxy.tag], self.owner, self.queue_name, later))
 
     def flush_acks(self, older_than: float | None = None) -> bool:
         """Delete acked rows now (or only once the oldest ack is ``older_than`` s old);

@@ -6,6 +6,8 @@ import datetime as dt
 import logging
 from typing import Any
 
+from django.db import connections, router
+
 from .base import Middleware
 
 logger = logging.getLogger("djqueue.dead_letters")
@@ -50,21 +52,34 @@ class DeadLetters(Middleware):
             enqueued_at = dt.datetime.fromtimestamp(timestamp / 1000, tz=dt.UTC) if timestamp else None
         except (OverflowError, OSError, ValueError):  # a producer's nonsense timestamp
             enqueued_at = None
-        DeadLetter.objects.update_or_create(
-            message_id=message.message_id,
-            defaults={
-                "queue_name": message.queue_name,
-                "actor_name": message.actor_name,
-                "message": data,
-                "raw_payload": raw,
-                "args": list(message.args),
-                "kwargs": message.kwargs,
-                "options": message.options,
-                "exception_type": exception_type[:255],
-                "exception_message": exception_message,
-                "traceback": message.traceback or "",
-                "retries": retries,
-                "enqueued_at": enqueued_at,
-                "status": DeadLetter.Status.DEAD,
-            },
-        )
+        fields = {
+            "queue_name": message.queue_name[:100],
+            "actor_name": message.actor_name[:255],
+            "message": data,
+            "raw_payload": raw,
+            "args": list(message.args),
+            "kwargs": message.kwargs,
+            "options": message.options,
+            "exception_type": exception_type[:255],
+            "exception_message": exception_message,
+            "traceback": message.traceback or "",
+            "retries": retries,
+            "enqueued_at": enqueued_at,
+            "status": DeadLetter.Status.DEAD,
+        }
+        if connections[router.db_for_write(DeadLetter)].vendor == "postgresql":
+            # PostgreSQL stores no NUL character, in text or in jsonb: a payload or an
+            # argument holding one must not cost the message its dead letter.
+            fields = {key: _without_nul(value) for key, value in fields.items()}
+        DeadLetter.objects.update_or_create(message_id=message.message_id, defaults=fields)
+        message.dead_lettered = True
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value

@@ -174,7 +174,7 @@ def test_enqueue_in_a_rolled_back_transaction_is_rolled_back(make, alias, queue)
 
 
 def test_malformed_row_is_yielded_as_a_malformed_proxy(make, alias, queue):
-    broker = make()
+    broker = make(middleware=[])  # no DeadLetters: nack drops the row
     QueuedMessage.objects.using(alias).create(
         queue_name=queue, message_id="x", available_at=0, payload=b"\xffnot json", created_at=0
     )
@@ -288,6 +288,82 @@ def test_a_failed_give_back_of_skipped_messages_does_not_fail_the_consumer(make,
     monkeypatch.undo()
     consumer.ack(proxy)
     consumer.close()
+
+
+class DeadLettersOnPostgres:
+    """Routes DeadLetter rows to PostgreSQL (the suite's default database is SQLite)."""
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        return "postgres" if model is DeadLetter else None
+
+    db_for_read = db_for_write
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_payloads_and_arguments_with_nul_characters_are_dead_lettered_on_postgresql(make, queue, settings):
+    settings.DATABASE_ROUTERS = [f"{__name__}.DeadLettersOnPostgres"]
+    broker = make()
+
+    @actor(broker=broker, actor_name="refuses_nul", queue_name=queue, max_retries=0)
+    def refuses_nul(text: str) -> None:
+        raise ValueError(f"no NUL in {text}, please")
+
+    refuses_nul.send("a\x00b")
+    broker.enqueue_raw(queue, b"\x00\xff\xfe<script>")
+    worker = Worker(broker, queues=[queue], worker_threads=1)
+    worker.start()
+    try:
+        dead = DeadLetter.objects.using("postgres").filter(queue_name=queue)
+        wait_for(lambda: dead.count() == 2, message="both dead letters")
+        wait_for(lambda: rows("postgres", queue) == 0, message="the queue to empty")
+    finally:
+        worker.stop(5_000)
+    row = dead.get(actor_name="refuses_nul")
+    assert row.args == ["a\ufffdb"] and "a\ufffdb" in row.exception_message
+    assert dead.get(actor_name="").raw_payload.startswith("\ufffd")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_message_whose_dead_letter_cannot_be_stored_stays_queued(make, queue, settings):
+    settings.DATABASE_ROUTERS = [f"{__name__}.DeadLettersOnPostgres"]
+    broker = make(lease=1000)
+
+    @actor(broker=broker, actor_name="always_fails", queue_name=queue, max_retries=0)
+    def always_fails() -> None:
+        raise ValueError("broken for good")
+
+    refuse = (
+        "CREATE FUNCTION djqueue_test_refuse() RETURNS trigger AS "
+        "$$ BEGIN RAISE EXCEPTION 'dead letters refused'; END $$ LANGUAGE plpgsql; "
+        f"CREATE TRIGGER djqueue_test_refuse BEFORE INSERT OR UPDATE ON {DeadLetter._meta.db_table} "
+        "FOR EACH ROW EXECUTE FUNCTION djqueue_test_refuse()"
+    )
+    accept = (
+        f"DROP TRIGGER IF EXISTS djqueue_test_refuse ON {DeadLetter._meta.db_table}; "
+        "DROP FUNCTION IF EXISTS djqueue_test_refuse()"
+    )
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute(refuse)
+    worker = Worker(broker, queues=[queue], worker_threads=1)
+    worker.start()
+    try:
+        sent = always_fails.send()
+        queued = QueuedMessage.objects.using("postgres").filter(queue_name=queue)
+        # Given back for later, not deleted: no lease holds it, and it is not due yet.
+        wait_for(
+            lambda: queued.filter(lease_owner=None, available_at__gt=current_millis()).exists(),
+            message="the message to be given back",
+        )
+        with connections["postgres"].cursor() as cursor:
+            cursor.execute(accept)
+        dead = DeadLetter.objects.using("postgres").filter(message_id=sent.message_id)
+        wait_for(lambda: dead.exists() and not queued.exists(), message="the dead letter, a lease later")
+    finally:
+        worker.stop(5_000)
+        with connections["postgres"].cursor() as cursor:
+            cursor.execute(accept)
 
 
 CLAIM_AND_HANG = """
