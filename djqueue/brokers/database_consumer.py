@@ -20,6 +20,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections
+from django.db.utils import load_backend
 
 from ..errors import BrokerError, DecodeError
 from ..message import Message, current_millis
@@ -70,7 +71,7 @@ class Connection:
                 raise InterfaceError("the consumer is closed")
             try:
                 if self.wrapper is None:
-                    self.wrapper = connections.create_connection(self.alias)
+                    self.wrapper = _own_connection(self.alias)
                     self.wrapper.inc_thread_sharing()
                     if self.wrapper.vendor == "postgresql":
                         # Claims, acks and heartbeats need not wait for the WAL to reach
@@ -110,6 +111,18 @@ class Connection:
                 wrapper.close()
             except DatabaseError:
                 pass
+
+
+def _own_connection(alias: str) -> Any:
+    """A connection of the consumer's own, outside Django's connection pool (the
+    ``"pool"`` option of PostgreSQL): the consumer keeps it for its lifetime, and its
+    ``synchronous_commit = off`` must never reach a connection the project's code uses."""
+    settings_dict = connections.settings[alias]
+    options = settings_dict.get("OPTIONS") or {}
+    if not options.get("pool"):
+        return connections.create_connection(alias)
+    unpooled = {**settings_dict, "OPTIONS": {k: v for k, v in options.items() if k != "pool"}}
+    return load_backend(unpooled["ENGINE"]).DatabaseWrapper(unpooled, alias)
 
 
 class DatabaseConsumer(Consumer):

@@ -366,6 +366,32 @@ def test_a_message_whose_dead_letter_cannot_be_stored_stays_queued(make, queue, 
             cursor.execute(accept)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_the_consumers_connection_settings_never_reach_djangos_pool(make, queue, monkeypatch):
+    # A consumer commits asynchronously (synchronous_commit = off); with Django's pool,
+    # a connection it had given back would make the project's own commits asynchronous.
+    settings_dict = connections.settings["postgres"]
+    pool = {"min_size": 1, "max_size": 2}
+    monkeypatch.setitem(settings_dict, "OPTIONS", {**settings_dict.get("OPTIONS", {}), "pool": pool})
+    pooled = connections.create_connection("postgres")
+    try:
+        broker = make()
+        broker.enqueue(message(queue))
+        consumer = broker.consume(queue, prefetch=1, timeout=200)
+        consumer.ack(take(consumer))
+        consumer.close()
+        seen = set()
+        for _ in range(4):  # round the whole pool
+            with pooled.cursor() as cursor:
+                cursor.execute("SHOW synchronous_commit")
+                seen.add(cursor.fetchone()[0])
+            pooled.close()
+        assert seen == {"on"}
+    finally:
+        pooled.close_pool()
+
+
 CLAIM_AND_HANG = """
 import sys, time, django
 django.setup()
