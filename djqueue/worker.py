@@ -15,6 +15,7 @@ from typing import Any
 
 from .brokers.base import Broker, Consumer, MessageProxy
 from .errors import MessageTooLarge, SkipMessage
+from .interrupts import call_actor
 
 logger = logging.getLogger("djqueue.worker")
 
@@ -124,6 +125,20 @@ class Worker:
     def process_message(
         self, consumer_thread: _ConsumerThread, consumer: Consumer, proxy: MessageProxy
     ) -> None:
+        try:
+            self._run(proxy)
+        except BaseException:
+            # Escaped the worker's own handling: the outcome is unknown, so the message
+            # is given back to be delivered again, never acked nor left unsettled.
+            consumer_thread.give_back(consumer, [proxy])
+            raise
+        # On the consumer that delivered it: the thread may have replaced that one since.
+        try:
+            self.settle(consumer, proxy)
+        finally:
+            consumer_thread.settled(consumer)
+
+    def _run(self, proxy: MessageProxy) -> None:
         broker = self.broker
         # The broker's lists of overridden hooks, looked up per message (middleware may be
         # added at any time); calling them here rather than through emit_before/emit_after
@@ -150,7 +165,7 @@ class Worker:
                     for hook in hooks["before_process_message"]:
                         hook(broker, proxy)
                     message = proxy.message
-                    result = actor(*message.args, **message.kwargs)
+                    result = call_actor(actor, *message.args, **message.kwargs)
                     proxy.result = result
                     _emit_after(broker, hooks["after_process_message"], proxy, result=result)
         except SkipMessage:
@@ -164,11 +179,6 @@ class Worker:
             if not proxy.failed:
                 logger.warning("%s failed: %r", proxy.message, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             broker.emit_after("process_message", proxy, exception=e)
-        # On the consumer that delivered it: the thread may have replaced that one since.
-        try:
-            self.settle(consumer, proxy)
-        finally:
-            consumer_thread.settled(consumer)
 
     def settle(self, consumer: Consumer, proxy: MessageProxy) -> None:
         broker = self.broker

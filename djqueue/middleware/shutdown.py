@@ -6,8 +6,8 @@ import threading
 from typing import Any
 
 from ..errors import DjqueueError
+from ..interrupts import interrupt
 from .base import Middleware
-from .time_limit import raise_in_thread
 
 
 class Shutdown(DjqueueError):
@@ -48,4 +48,4 @@ class ShutdownNotifications(Middleware):
     def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
         with self._lock:
             for thread_id in list(self._running):
-                raise_in_thread(thread_id, Shutdown)
+                interrupt(thread_id, Shutdown)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import heapq
 import logging
 import threading
@@ -10,6 +9,7 @@ import time
 from typing import Any
 
 from ..errors import TimeLimitExceeded
+from ..interrupts import interrupt
 from .base import Middleware
 
 logger = logging.getLogger("djqueue.time_limit")
@@ -18,13 +18,9 @@ DEFAULT_TIME_LIMIT = 600_000
 
 
 def raise_in_thread(thread_id: int, exception: type[BaseException]) -> bool:
-    """Schedule ``exception`` in another thread; it is raised at its next bytecode.
-
-    A thread blocked inside C code (a socket read, ``time.sleep``) sees it when that
-    call returns, so a time limit is enforced for Python code, not inside C calls.
-    """
-    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
-    return done == 1
+    """Raise ``exception`` in another thread while it runs an actor (see interrupts.py):
+    a time limit is enforced for Python code, not inside C calls."""
+    return interrupt(thread_id, exception)
 
 
 class TimeLimit(Middleware):
@@ -81,15 +77,21 @@ class TimeLimit(Middleware):
     after_skip_message = after_process_message  # type: ignore[assignment]
 
     def _monitor(self) -> None:
-        with self._cond:
-            while True:
+        while True:
+            expired = []
+            with self._cond:
                 now = time.monotonic()
                 while self._heap and self._heap[0][0] <= now:
                     deadline, thread_id, message_id = heapq.heappop(self._heap)
                     if self._deadlines.get(thread_id) == (deadline, message_id):
                         del self._deadlines[thread_id]
-                        logger.warning("message %s exceeded its time limit", message_id)
-                        raise_in_thread(thread_id, TimeLimitExceeded)
+                        expired.append((thread_id, message_id))
                 self._wake_at = self._heap[0][0] if self._heap else None
-                timeout = self._wake_at - now if self._wake_at is not None else None
-                self._cond.wait(timeout)
+                if not expired:
+                    self._cond.wait(self._wake_at - now if self._wake_at is not None else None)
+                    continue
+            # Outside the lock: a logging handler may block, and the worker threads arm
+            # their deadlines under it. An actor that already returned is not interrupted.
+            for thread_id, message_id in expired:
+                if interrupt(thread_id, TimeLimitExceeded):
+                    logger.warning("message %s exceeded its time limit", message_id)

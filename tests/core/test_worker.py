@@ -142,6 +142,34 @@ def test_time_limit_interrupts_a_running_actor(stub_broker, stub_worker):
     assert DeadLetter.objects.get(message_id=message.message_id).exception_type == "TimeLimitExceeded"
 
 
+def test_a_time_limit_never_interrupts_what_runs_after_the_actor(stub_broker, stub_worker):
+    # A deadline that falls once the actor has returned must not land in the middleware
+    # that runs after it (a result stored, a pipeline's next step enqueued) nor in the
+    # worker's own settling of the message.
+    from djqueue import Middleware
+
+    finished = []
+
+    class SlowAfterHook(Middleware):
+        def after_process_message(self, broker, message, *, result=None, exception=None):
+            until = time.monotonic() + 0.3  # past the 100 ms limit, in Python code
+            while time.monotonic() < until:
+                pass
+            finished.append(message.message_id)
+
+    stub_broker.add_middleware(SlowAfterHook())
+
+    @actor(broker=stub_broker, actor_name="quick", time_limit=100, max_retries=0)
+    def quick() -> None:
+        pass
+
+    sent = [quick.send() for _ in range(3)]
+    stub_worker.start()
+    stub_worker.join(timeout=10_000)
+    assert sorted(finished) == sorted(m.message_id for m in sent)
+    assert not DeadLetter.objects.exists()
+
+
 def test_age_limit_dead_letters_old_messages(stub_broker, stub_worker):
     ran = []
 
