@@ -56,6 +56,8 @@ class WorkerConfig:
     log_level: str = "INFO"
     prefetch: int | None = None
     metrics: bool = False  # add the Prometheus middleware (runworkers --metrics-port)
+    # Whose worker processes these are; default: the process that starts them.
+    supervisor_pid: int = field(default_factory=os.getpid)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +81,8 @@ def worker_process_main(config: WorkerConfig, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
+    # Known before boot: a supervisor killed while this process boots must still be noticed.
+    parent = config.supervisor_pid
 
     def on_term(signum: int, frame: Any) -> None:
         if stop.is_set():
@@ -116,7 +120,6 @@ def worker_process_main(config: WorkerConfig, index: int) -> None:
     except Exception:
         logging.getLogger("djqueue.worker").exception("worker process %d failed to boot", index)
         sys.exit(EXIT_BOOT_FAILED)
-    parent = os.getppid()
     logging.getLogger("djqueue.worker").info("worker process %d started (pid %d)", index, os.getpid())
     # Wake once a second to notice an orphaning (the supervisor was SIGKILLed).
     while not stop.wait(1.0):

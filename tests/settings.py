@@ -81,6 +81,11 @@ DJQUEUE = {
     "BROKER_OPTIONS": json.loads(os.environ.get("DJQUEUE_TEST_BROKER_OPTIONS", "{}")),
     "SHUTDOWN_TIMEOUT": 10_000,
 }
+if os.environ.get("DJQUEUE_TEST_SLOW_BOOT"):
+    from djqueue.middleware import DEFAULT_MIDDLEWARE
+
+    # Worker processes that take this many seconds to boot (see tests/testapp/middleware.py).
+    DJQUEUE["MIDDLEWARE"] = [*DEFAULT_MIDDLEWARE, "tests.testapp.middleware.SlowBoot"]
 
 LOGGING = {
     "version": 1,

@@ -254,3 +254,32 @@ def test_worker_processes_are_forked_from_the_set_up_supervisor(broker_url, queu
     # A forked process keeps its parent's command line; a spawned one runs spawn_main.
     assert all(Path(f"/proc/{pid}/cmdline").read_bytes() == supervisor for pid in children)
     assert w.stop() == 0
+
+
+def test_a_worker_still_booting_stops_when_its_supervisor_is_killed(broker_url, queue, workers):
+    w = workers(
+        broker_url,
+        "--processes",
+        "1",
+        "--threads",
+        "1",
+        "--queues",
+        queue,
+        env={"DJQUEUE_TEST_SLOW_BOOT": "3"},
+    )
+    [child] = w.wait_children(1)
+    os.kill(w.pid, signal.SIGKILL)
+    w.process.wait(10)
+    try:
+        # It boots for 3 s, then notices within a second that it was orphaned.
+        wait_for(lambda: _gone(child), timeout=15, message="the orphaned worker process to stop")
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

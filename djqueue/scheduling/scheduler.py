@@ -388,12 +388,16 @@ def install_signal_handlers(stop_event: threading.Event) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
-def scheduler_process_main(log_file: str | None = None, log_level: str = "INFO") -> None:
+def scheduler_process_main(
+    log_file: str | None = None, log_level: str = "INFO", supervisor_pid: int | None = None
+) -> None:
     """Entry point of the scheduler process of ``runworkers --scheduler`` ('spawn' method).
 
     SIGTERM stops it; SIGINT and SIGHUP are ignored (the supervisor forwards them as
     SIGTERM). It stops by itself within a second if the supervisor disappears.
     """
+    # Known before Django is set up: a supervisor killed meanwhile must still be noticed.
+    parent = supervisor_pid or os.getppid()
     stop = threading.Event()
     install_signal_handlers(stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -404,7 +408,6 @@ def scheduler_process_main(log_file: str | None = None, log_level: str = "INFO")
     from ..supervisor import configure_logging
 
     configure_logging(log_file, log_level)
-    parent = os.getppid()
     try:
         run_scheduler(stop, should_stop=lambda: os.getppid() != parent, max_sleep=1.0)
     except Exception:

@@ -156,7 +156,7 @@ class Command(BaseCommand):
             return []
         from djqueue.scheduling.scheduler import scheduler_process_main
 
-        return [("scheduler", scheduler_process_main, (config.log_file, config.log_level))]
+        return [("scheduler", scheduler_process_main, (config.log_file, config.log_level, os.getpid()))]
 
     def _start_metrics(
         self, options: dict[str, Any], broker: Any, queues: list[str] | set[str]
