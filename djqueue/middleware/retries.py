@@ -77,6 +77,8 @@ class Retries(Middleware):
             broker.enqueue(message.message.copy(options={"eta": None}))
             return
         throws = actor_options.get("throws") or ()
+        if isinstance(throws, list | set | frozenset):
+            throws = tuple(throws)  # isinstance() takes a class or a tuple of them only
         if throws and isinstance(exception, throws):
             message.fail(f"{type(exception).__name__} is in the actor's throws=, not retried")
             return

@@ -63,10 +63,11 @@ def test_exhausted_retries_are_dead_lettered(stub_broker, stub_worker):
     assert len(stub_broker.dead_letters("default")) == 1
 
 
-def test_throws_dead_letters_without_retrying(stub_broker, stub_worker):
+@pytest.mark.parametrize("throws", [KeyError, (KeyError,), [KeyError]], ids=["class", "tuple", "list"])
+def test_throws_dead_letters_without_retrying(stub_broker, stub_worker, throws):
     calls = []
 
-    @actor(broker=stub_broker, actor_name="thrower", throws=(KeyError,))
+    @actor(broker=stub_broker, actor_name="thrower", throws=throws)
     def thrower() -> None:
         calls.append(1)
         raise KeyError("missing")
@@ -76,6 +77,22 @@ def test_throws_dead_letters_without_retrying(stub_broker, stub_worker):
     stub_worker.join(timeout=10_000)
     assert len(calls) == 1
     assert DeadLetter.objects.get(message_id=message.message_id).exception_type == "KeyError"
+
+
+def test_an_exception_outside_a_throws_list_is_retried(stub_broker, stub_worker):
+    calls = []
+
+    @actor(broker=stub_broker, actor_name="flaky_thrower", throws=[KeyError], min_backoff=10, max_backoff=20)
+    def flaky_thrower() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("first time only")
+
+    flaky_thrower.send()
+    stub_worker.start()
+    stub_worker.join(timeout=10_000)
+    assert len(calls) == 2
+    assert not DeadLetter.objects.exists()
 
 
 def test_retry_exception_sets_the_delay(stub_broker, stub_worker):
