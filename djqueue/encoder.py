@@ -53,7 +53,10 @@ class JSONEncoder(Encoder):
     def decode(self, data: bytes) -> MessageData:
         try:
             value = orjson.loads(data) if orjson is not None else json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except RecursionError:
+            # json (without orjson) recurses once per nesting level.
+            raise DecodeError("payload is not valid JSON: nested too deeply to parse", data) from None
+        except Exception as e:  # ValueError mostly; anything else is no message either
             raise DecodeError(f"payload is not valid JSON: {e}", data) from None
         if not isinstance(value, dict):
             raise DecodeError(f"payload is JSON {type(value).__name__}, not an object", data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,33 @@ _FIELD_TYPES = (
     ("options", dict),
     ("message_timestamp", int),
 )
+# Options the library computes with (Message.eta, .priority, .retries): a value that cannot
+# be one fails the decode, so no consumer meets it later in a computation (an eta of
+# Infinity once crashed the RabbitMQ consumer in a loop).
+_NUMERIC_OPTIONS = frozenset(("eta", "priority", "retries"))
+
+
+def _numeric_option_error(options: dict[str, Any]) -> str | None:
+    """Why one of the numeric options is unusable, or None."""
+    eta = options.get("eta")
+    if eta is not None and not (isinstance(eta, int) or (isinstance(eta, float) and math.isfinite(eta))):
+        return f"message option 'eta' must be a finite number of ms since the epoch, not {_shown(eta)}"
+    for name in ("priority", "retries"):
+        value = options.get(name)
+        if value is not None:  # null: not set
+            try:
+                int(value)
+            except Exception:  # ValueError, TypeError, OverflowError: whatever int() of junk raises
+                return f"message option {name!r} must be a whole number, not {_shown(value)}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    # Never the repr of a container: a deeply nested one raises RecursionError.
+    if isinstance(value, str | int | float):
+        text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "a huge number"
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"a {type(value).__name__}"
 
 
 @dataclass(slots=True)
@@ -74,8 +102,18 @@ class Message:
 
     @classmethod
     def decode(cls, data: bytes) -> Message:
-        """Decode and validate bytes from the wire; raises DecodeError saying what is wrong."""
-        return cls.from_dict(get_encoder().decode(data), data)
+        """Decode and validate bytes from the wire; raises DecodeError saying what is wrong.
+
+        Any failure is a DecodeError, whatever the encoder raised (a RecursionError for
+        deeply nested JSON, say): consumers yield it as a malformed message, which the
+        worker dead-letters, rather than crash on it.
+        """
+        try:
+            return cls.from_dict(get_encoder().decode(data), data)
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise DecodeError(f"payload could not be decoded: {type(e).__name__}: {e}", data) from None
 
     @classmethod
     def from_dict(cls, value: dict[str, Any], data: bytes | None = None) -> Message:
@@ -110,6 +148,10 @@ class Message:
                         f"message field {name!r} must be {kind.__name__}, not {type(value[name]).__name__}",
                         data,
                     )
+        if options and not _NUMERIC_OPTIONS.isdisjoint(options):
+            reason = _numeric_option_error(options)
+            if reason is not None:
+                raise DecodeError(reason, data)
         return cls(
             queue_name=queue_name,
             actor_name=actor_name,
@@ -131,7 +173,7 @@ class Message:
 
     @property
     def priority(self) -> int:
-        return int(self.options.get("priority", 0))
+        return int(self.options.get("priority") or 0)
 
     @property
     def eta(self) -> int | None:
@@ -140,7 +182,7 @@ class Message:
 
     @property
     def retries(self) -> int:
-        return int(self.options.get("retries", 0))
+        return int(self.options.get("retries") or 0)
 
     def get_result(self, *, block: bool = False, timeout: int | None = None) -> Any:
         """The actor's return value. ``timeout`` is in ms (default 10,000 when blocking).

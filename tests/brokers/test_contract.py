@@ -293,3 +293,47 @@ def test_10000_messages_through_2_processes_x_8_threads(case, queue, record_dir,
     wait_for(lambda: ids_seen(record_dir) >= sent, timeout=300, interval=0.5, message="10,000 messages")
     assert w.stop() == 0
     wait_for(lambda: settled(broker, queue), message="nothing left in flight")
+
+
+def test_payloads_no_consumer_can_compute_with_are_dead_lettered_with_json(case, queue, monkeypatch):
+    # orjson is optional. json reads Infinity and NaN, and raises RecursionError on deep
+    # nesting: an eta of Infinity once put the RabbitMQ consumer in a crash loop.
+    import uuid
+
+    from djqueue import encoder
+
+    monkeypatch.setattr(encoder, "orjson", None)
+    broker = case.make()
+    seen = []
+
+    @actor(broker=broker, actor_name="contract_after_junk", queue_name=queue)
+    def contract_after_junk(n: int) -> None:
+        seen.append(n)
+
+    junk = {
+        str(uuid.uuid4()): f'"args":[0],"options":{{"{name}":{value}}}'
+        for name, value in (("eta", "Infinity"), ("priority", "NaN"), ("retries", "-Infinity"))
+    }
+    junk[str(uuid.uuid4())] = '"args":' + "[" * 5000 + "]" * 5000
+    for message_id, rest in junk.items():
+        fields = f'"message_id":"{message_id}","queue_name":"{queue}","actor_name":"contract_after_junk"'
+        payload = f"{{{fields},{rest}}}"
+        broker.enqueue_raw(queue, payload.encode())
+    contract_after_junk.send(1)
+
+    def rows():
+        return DeadLetter.objects.filter(message_id__in=junk)
+
+    worker = Worker(broker, queues=[queue], worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(lambda: rows().count() == len(junk), message="every junk payload dead-lettered")
+        wait_for(lambda: seen == [1], message="the good message")
+        worker.join(timeout=10_000)
+        assert all(t.is_alive() for t in worker.consumers.values())
+    finally:
+        worker.stop(timeout=5_000)
+    reasons = " ".join(rows().values_list("exception_message", flat=True))
+    assert "'eta'" in reasons and "'priority'" in reasons and "'retries'" in reasons
+    assert "nested too deeply" in reasons
+    wait_for(lambda: broker.get_queue_stats(queue).dead == len(junk), message="the broker's dead letters")
