@@ -395,7 +395,9 @@ class RabbitmqBroker(Broker):
             publisher = self._local.publisher = Publisher(self)
             with self._publishers_lock:
                 self._publishers.append(publisher)
-                if self.confirm_delivery and self._sweeper is None and not self._closing.is_set():
+                # Without confirms too: the sweeper closes the connections of threads
+                # that exited (a thread-per-request server would leak one per request).
+                if self._sweeper is None and not self._closing.is_set():
                     self._sweeper = threading.Thread(
                         target=_sweep,
                         args=(weakref.ref(self),),
@@ -538,8 +540,9 @@ class RabbitmqBroker(Broker):
 
 
 def _sweep(broker_ref: weakref.ref[RabbitmqBroker]) -> None:
-    """Collects confirms for threads that stopped publishing, and publishes their
-    unconfirmed messages again if their connection failed."""
+    """Collects confirms for threads that stopped publishing, publishes their
+    unconfirmed messages again if their connection failed, and closes the connections
+    of threads that exited."""
     while True:
         broker = broker_ref()
         if broker is None or broker._closing.is_set() or broker._pid != os.getpid():

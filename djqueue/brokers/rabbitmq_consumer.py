@@ -422,24 +422,32 @@ class RabbitmqConsumer(AmqpClient, Consumer):
 
     def _proxy(self, delivery: Delivery) -> MessageProxy | None:
         delivery_count = delivery.earlier + 1
-        if delivery.redelivered:
-            # Its last delivery ended unsettled (a process died, a connection dropped).
-            delivery_count += 1
-            if self._count_again(delivery, delivery_count - 1):
-                return None
         proxy_tag = (self.generation, delivery.tag)
         body = delivery.body
         try:
+            if delivery.redelivered:
+                # Its last delivery ended unsettled (a process died, a connection dropped).
+                delivery_count += 1
+                if self._count_again(delivery, delivery_count - 1):
+                    return None
             message = Message.decode(body)
+            eta = message.eta
+            early = isinstance(eta, int | float) and eta - current_millis() > REDELAY_THRESHOLD
+            if early and self._redelay(message, delivery):
+                return None
         except DecodeError as e:
-            return MessageProxy.malformed(
-                body, e, self.queue_name, tag=proxy_tag, delivery_count=delivery_count
-            )
-        eta = message.eta
-        early = isinstance(eta, int | float) and eta - current_millis() > REDELAY_THRESHOLD
-        if early and self._redelay(message, delivery):
-            return None
-        return MessageProxy(message, data=body, tag=proxy_tag, delivery_count=delivery_count)
+            error = e
+        except Exception as e:
+            # Raised out of next(), it would make the worker replace this consumer: the
+            # message would come back, for ever, and each new connection would drop the
+            # acks of the messages running meanwhile. Dead-lettered, with the reason.
+            logger.exception("could not handle a message delivered from %r", delivery.source)
+            error = DecodeError(f"the consumer could not handle it: {type(e).__name__}: {e}", body)
+        else:
+            return MessageProxy(message, data=body, tag=proxy_tag, delivery_count=delivery_count)
+        return MessageProxy.malformed(
+            body, error, self.queue_name, tag=proxy_tag, delivery_count=delivery_count
+        )
 
     def _count_again(self, delivery: Delivery, deliveries: int) -> bool:
         entry = self._entry(redelivered_queue(self.queue_name), delivery.body, delivery.priority, deliveries)
@@ -494,19 +502,35 @@ class RabbitmqConsumer(AmqpClient, Consumer):
     # -- the contract's verbs (any thread) ------------------------------------------
 
     def ack(self, proxy: MessageProxy) -> None:
-        self.broker._flush_thread()  # what the job enqueued is confirmed before its ack
+        self._flush_or_give_back([proxy])  # what the job enqueued is confirmed before its ack
         self._settle(proxy.tag, None)
 
     def nack(self, proxy: MessageProxy) -> None:
-        self.broker._flush_thread()
+        self._flush_or_give_back([proxy])
         reject = pika.frame.Method(1, spec.Basic.Reject(proxy.tag[1], requeue=False)).marshal()
         self._settle(proxy.tag, reject)  # RabbitMQ dead-letters it into q.DQ
 
+    def _flush_or_give_back(self, proxies: list[MessageProxy]) -> None:
+        """Wait until RabbitMQ confirmed what this thread sent (a job's retries and
+        follow-ups); if it cannot be confirmed, give the deliveries back and raise."""
+        try:
+            self.broker._flush_thread()
+        except Exception:
+            # Acking could lose what the job sent; holding the delivery on this live
+            # connection would keep it from everyone (RabbitMQ redelivers only when the
+            # connection closes) and take a prefetch slot for good. Run it again instead.
+            for proxy in proxies:
+                generation, tag = proxy.tag
+                reject = pika.frame.Method(1, spec.Basic.Reject(tag, requeue=True)).marshal()
+                self._settle((generation, tag), reject)
+            raise
+
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
-        self.broker._flush_thread()
+        given = list(proxies)
+        self._flush_or_give_back(given)
         items = []
         with self.lock:
-            for proxy in proxies:
+            for proxy in given:
                 generation, tag = proxy.tag
                 source = self.unsettled.get(tag) if generation == self.generation else None
                 if source is None:

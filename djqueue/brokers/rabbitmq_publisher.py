@@ -28,7 +28,9 @@ import pika.exceptions
 import pika.frame
 from pika import spec
 
-from ..errors import BrokerError, ConnectionError
+from ..errors import BrokerError, ConnectionError, DecodeError
+from ..message import Message
+from .base import _guess_message_id
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -38,6 +40,10 @@ logger = logging.getLogger("djqueue.broker.rabbitmq")
 RECOVERABLE = (pika.exceptions.AMQPError, OSError)
 MAX_UNCONFIRMED_BYTES = 32 * 1024 * 1024  # per thread, whatever max_unconfirmed says
 FATAL_CODES = (403, 530)  # wrong credentials, unknown vhost: retrying does not help
+# Channel closes a message may cause, sent alone each time, before it is dropped: one that
+# RabbitMQ always refuses (a body over its max_message_size) would otherwise go first on
+# every new connection and block its thread's publishing for good.
+MAX_REFUSALS = 3
 
 
 class Pending:
@@ -65,11 +71,13 @@ class Pending:
 
 
 class Broken(Exception):
-    """The publishing connection cannot be used any more."""
+    """The publishing connection cannot be used any more. ``channel``: RabbitMQ closed
+    the channel, which it does for an error in the last method it read."""
 
-    def __init__(self, text: str, code: int = 0) -> None:
+    def __init__(self, text: str, code: int = 0, channel: bool = False) -> None:
         super().__init__(text)
         self.code = code
+        self.channel = channel
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
@@ -230,6 +238,11 @@ class Publisher(AmqpClient):
         self.blocked: str | None = None
         self.retry_at = 0.0
         self.backoff = 0.1
+        # After a channel close the oldest message is sent alone (the probe) until it is
+        # confirmed: a close while it is alone in flight is its doing, for certain.
+        self.probing = False
+        self.probe: Pending | None = None
+        self.refusals = 0  # channel closes while the probe was alone in flight
 
     def waiting(self) -> bool:
         return bool(self.unconfirmed or self.outbox or self.returned)
@@ -264,11 +277,15 @@ class Publisher(AmqpClient):
                 self._run(2**62, min(1000, self.broker.confirm_timeout))
             self.backoff = 0.1
         except (ConnectionError, BrokerError) as e:
-            logger.warning("%d unconfirmed message(s) will be published again: %s", len(self.outbox), e)
+            waiting = len(self.outbox) + len(self.returned)
+            logger.warning("%d unconfirmed message(s) will be published again: %s", waiting, e)
             self.retry_at = now + self.backoff
             self.backoff = min(self.backoff * 2, 30.0)
         except (*RECOVERABLE, Broken) as e:
-            self._drop(str(e))
+            try:
+                self._lost(e)
+            except ConnectionError:
+                pass  # a refused message was dropped, and _lost logged it
 
     def close(self) -> None:
         if self.sock is not None and self.pid == os.getpid():
@@ -295,7 +312,7 @@ class Publisher(AmqpClient):
                 while self.outbox or self.returned or self._full(limit):
                     self._republish_returned()
                     self._send_outbox()
-                    if self._full(limit):
+                    if self._full(limit) or (self.probing and self.unconfirmed):
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             self._drop("no confirm in time")
@@ -303,12 +320,18 @@ class Publisher(AmqpClient):
                         self._pump(remaining)
                 return
             except (Broken, *RECOVERABLE) as e:
-                self._drop(str(e))
+                self._lost(e)
                 if isinstance(e, Broken) and e.code in FATAL_CODES:
                     raise ConnectionError(self._failure(f"RabbitMQ refused the connection: {e}")) from None
                 if isinstance(e, Broken) and e.code == 404:
-                    for queue_name in {entry.queue_name for entry in self.outbox}:
-                        self.broker._redeclare(queue_name)
+                    try:
+                        for queue_name in {entry.queue_name for entry in self.outbox}:
+                            self.broker._redeclare(queue_name)
+                    except Exception:
+                        # What was not found may be missing still: that proves nothing
+                        # against the message, which must not be dropped for it.
+                        self.refusals = 0
+                        raise
                 if time.monotonic() + backoff >= deadline:
                     raise ConnectionError(self._failure(f"cannot publish to RabbitMQ: {e}")) from None
                 time.sleep(backoff)
@@ -324,14 +347,20 @@ class Publisher(AmqpClient):
         entry = self.unconfirmed.pop(tag, None)
         if entry is not None:
             self.unconfirmed_bytes -= len(entry.body)
+            if entry is self.probe:  # confirmed, refused with a nack, returned or withdrawn
+                self.probing, self.probe, self.refusals = False, None, 0
         return entry
 
     def _failure(self, text: str) -> str:
         if self.blocked:
             text += f" (RabbitMQ blocks publishers: {self.blocked})"
-        return f"{text}; {len(self.outbox)} message(s) of this thread are waiting to be published again"
+        waiting = len(self.outbox) + len(self.returned)
+        return f"{text}; {waiting} message(s) of this thread are waiting to be published again"
 
     def _withdraw(self, entry: Pending) -> None:
+        if entry in self.returned:  # returned while its own send waited
+            self.returned.remove(entry)
+            return
         try:
             self.outbox.remove(entry)
         except ValueError:
@@ -342,6 +371,11 @@ class Publisher(AmqpClient):
     def _send_outbox(self) -> None:
         confirm = self.broker.confirm_delivery
         while self.outbox:
+            if self.probing:
+                if self.unconfirmed:
+                    return  # the probe is in flight
+                if self.outbox[0] is not self.probe:
+                    self.probe, self.refusals = self.outbox[0], 0
             batch: list[Pending] = []
             chunks: list[bytes] = []
             size = 0
@@ -357,7 +391,7 @@ class Publisher(AmqpClient):
                 batch.append(entry)
                 chunks.append(data)
                 size += len(data)
-                if size > 262144:
+                if size > 262144 or self.probing:
                     break
             self.sock.sendall(b"".join(chunks) if len(chunks) > 1 else chunks[0])
             now = time.monotonic()
@@ -372,8 +406,9 @@ class Publisher(AmqpClient):
                 self._pump(0)  # read confirms between large batches
 
     def _republish_returned(self) -> None:
-        returned, self.returned = self.returned, []
-        for entry in returned:
+        returned = self.returned
+        while returned:
+            entry = returned[0]
             if entry.returns > 2:
                 logger.error(
                     "RabbitMQ cannot route a message for %r (exchange %r); dropped after %d tries",
@@ -381,9 +416,44 @@ class Publisher(AmqpClient):
                     entry.exchange.decode(),
                     entry.returns,
                 )
+                returned.pop(0)
                 continue
-            self.broker._redeclare(entry.queue_name)
-            self.outbox.append(entry)
+            try:
+                self.broker._redeclare(entry.queue_name)
+            except Exception as e:
+                # Kept, as unconfirmed messages are: the flush or send waiting for them
+                # fails, and the sweeper or the next send tries again.
+                raise ConnectionError(
+                    self._failure(
+                        f"cannot publish a message RabbitMQ returned as unroutable: declaring "
+                        f"{entry.queue_name!r} again failed ({type(e).__name__}: {e})"
+                    )
+                ) from None
+            self.outbox.append(returned.pop(0))
+
+    def _lost(self, error: BaseException) -> None:
+        """The connection failed: ``_drop`` it. Raises ConnectionError, once, when that
+        drops a message RabbitMQ refused MAX_REFUSALS times."""
+        refused = None
+        if isinstance(error, Broken) and error.channel and self.broker.confirm_delivery:
+            in_flight = list(self.unconfirmed.values())
+            if self.probing and len(in_flight) == 1 and in_flight[0] is self.probe:
+                self.refusals += 1
+                if self.refusals >= MAX_REFUSALS:
+                    refused = self.probe
+            else:
+                self.probing = True  # which message it was shows when the oldest goes alone
+        self._drop(str(error))
+        if refused is None:
+            return
+        self.outbox.remove(refused)
+        self.probing, self.probe, self.refusals = False, None, 0
+        text = (
+            f"RabbitMQ refused message {_message_id(refused.body)} for {refused.queue_name!r} "
+            f"{MAX_REFUSALS} times ({error}); it was dropped"
+        )
+        logger.error("%s", text)
+        raise ConnectionError(self._failure(text))
 
     def _drop(self, reason: str) -> None:
         """Forget the connection; its unconfirmed messages go first in the outbox."""
@@ -474,7 +544,9 @@ class Publisher(AmqpClient):
             elif isinstance(method, spec.Channel.Close):
                 self._try_send(1, spec.Channel.CloseOk())
                 raise Broken(
-                    f"RabbitMQ closed the channel: {method.reply_code} {method.reply_text}", method.reply_code
+                    f"RabbitMQ closed the channel: {method.reply_code} {method.reply_text}",
+                    method.reply_code,
+                    channel=True,
                 )
         elif self.returning is not None:
             if isinstance(frame, pika.frame.Header):
@@ -518,3 +590,11 @@ class Publisher(AmqpClient):
                 )
                 return
         logger.error("RabbitMQ returned an unroutable message for routing key %r", method.routing_key)
+
+
+def _message_id(body: bytes) -> str:
+    """The id of the message in ``body``, for a log."""
+    try:
+        return Message.decode(body).message_id
+    except DecodeError:
+        return _guess_message_id(body) or "(not a djqueue message)"

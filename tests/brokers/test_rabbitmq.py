@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
@@ -18,7 +19,7 @@ import pika
 import pytest
 from pika import spec
 
-from djqueue import Worker, actor
+from djqueue import Worker, actor, encoder
 from djqueue.brokers.rabbitmq import (
     DELAY_LEVELS,
     RabbitmqBroker,
@@ -28,7 +29,8 @@ from djqueue.brokers.rabbitmq import (
     redelivered_queue,
 )
 from djqueue.brokers.rabbitmq_consumer import ack_frame
-from djqueue.errors import ConfigurationError, ConnectionError
+from djqueue.brokers.rabbitmq_publisher import MAX_REFUSALS, Pending
+from djqueue.errors import ConfigurationError, ConnectionError, DecodeError
 from djqueue.message import Message, current_millis
 from tests.process import ROOT, wait_for
 
@@ -173,6 +175,54 @@ def test_bad_options_are_refused(options):
         RabbitmqBroker(url=URL, middleware=[], **options)
 
 
+@pytest.fixture(params=["orjson", "json"])
+def json_library(request, monkeypatch):
+    """Decode with orjson, then with the standard library's json: orjson is optional."""
+    if request.param == "json":
+        monkeypatch.setattr(encoder, "orjson", None)
+    return request.param
+
+
+def raw_payload(queue: str, **options: str) -> bytes:
+    """A message as a foreign producer writes it; option values are JSON text."""
+    written = ",".join(f'"{name}":{value}' for name, value in options.items())
+    return (
+        f'{{"queue_name":"{queue}","actor_name":"record","message_id":"{uuid.uuid4()}",'
+        f'"args":[1],"options":{{{written}}}}}'
+    ).encode()
+
+
+DEEPLY_NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("eta", "Infinity"),
+        ("eta", "-Infinity"),
+        ("eta", "NaN"),
+        ("eta", "1e400"),  # json reads it as infinity
+        ("eta", '"tomorrow"'),
+        ("priority", "1e400"),
+        ("priority", "NaN"),
+        ("priority", "[5]"),
+        ("retries", '"many"'),
+        (None, None),  # nested deeply: json raises RecursionError
+    ],
+)
+def test_payloads_no_consumer_can_compute_with_fail_to_decode(json_library, option, value):
+    payload = raw_payload("q", **{option: value}) if option else DEEPLY_NESTED
+    with pytest.raises(DecodeError):
+        Message.decode(payload)
+
+
+def test_numeric_options_that_work_still_decode(json_library):
+    payload = raw_payload("q", eta="1700000000000.5", priority='"3"', retries="null")
+    decoded = Message.decode(payload)
+    assert decoded.options == {"eta": 1700000000000.5, "priority": "3", "retries": None}
+    assert (decoded.eta, decoded.priority, decoded.retries) == (1700000000000.5, 3, 0)
+
+
 # -- one consumer -----------------------------------------------------------------------
 
 
@@ -271,6 +321,50 @@ def test_malformed_payloads_are_yielded_as_malformed_and_consuming_goes_on(broke
     assert take(consumer).message_id == good.message_id
     wait_for(lambda: broker.get_queue_stats(queue).dead == 1, message="the malformed dead letter")
     consumer.close()
+
+
+def test_payloads_no_consumer_can_compute_with_are_yielded_malformed(json_library, broker, queue):
+    # With json, an eta of Infinity once passed the decode, and delaying it again raised
+    # OverflowError out of next(); a deep payload raised RecursionError. The worker then
+    # replaced the consumer, and got the same message back, for ever.
+    bad = [raw_payload(queue, eta="Infinity"), DEEPLY_NESTED]
+    for payload in bad:
+        broker.enqueue_raw(queue, payload)
+    good = broker.enqueue(message(queue, "good"))
+    consumer = broker.consume(queue, prefetch=3, timeout=100)
+    for payload in bad:
+        proxy = take(consumer)
+        assert proxy.decode_error is not None and proxy.failed and proxy.data == payload
+        consumer.nack(proxy)
+    assert take(consumer).message_id == good.message_id
+    wait_for(lambda: broker.get_queue_stats(queue).dead == 2, message="both dead letters")
+    consumer.close()
+
+
+def test_a_message_the_consumer_cannot_delay_again_is_dead_lettered_not_raised(broker, queue):
+    broker.ensure_queue(queue)
+    connection, channel = raw_channel()
+    try:
+        # A delay level declared with other arguments than the broker's: declaring the
+        # levels to send an early message round again raises ConfigurationError.
+        channel.queue_declare(f"{queue}.XQ.0", durable=True, arguments={"x-message-ttl": 5})
+    finally:
+        connection.close()
+    broker.enqueue_raw(queue, message(queue, "early", eta=current_millis() + 60_000).encode())
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    proxy = take(consumer)
+    assert proxy.failed and "ConfigurationError" in proxy.decode_error.args[0]
+    consumer.nack(proxy)
+    consumer.close()
+    connection, channel = raw_channel()
+    try:
+        # Not get_queue_stats(): it declares the levels too, and would raise.
+        def dead() -> int:
+            return channel.queue_declare(dead_letter_queue(queue), passive=True).method.message_count
+
+        wait_for(lambda: dead() == 1, message="the dead letter")
+    finally:
+        connection.close()
 
 
 def test_close_gives_unacked_messages_back_and_they_come_back_counted(broker, queue):
@@ -483,6 +577,37 @@ def test_a_deleted_queue_is_declared_again_instead_of_dropping_messages(broker, 
 # -- connections ------------------------------------------------------------------------
 
 
+def test_a_message_rabbitmq_always_refuses_is_dropped_and_the_thread_publishes_on(make_broker, queue, caplog):
+    broker = make_broker(confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    innocent, refused = message(queue, "innocent"), message(queue, "refused")
+    # In real life: a body over RabbitMQ's max_message_size (128 MiB on this server, too
+    # much for a test). An exchange that does not exist gets the same answer on every
+    # try, a channel close. The publisher's own verb writes both, as a send does.
+    entries = [
+        Pending(queue, b"", queue.encode(), innocent.encode(), 0),
+        Pending(queue, b"djqueue.no-such-exchange", queue.encode(), refused.encode(), 0),
+    ]
+    publisher = broker._publisher()
+    with caplog.at_level(logging.ERROR, logger="djqueue.broker.rabbitmq"), publisher.lock:
+        # Holding the lock keeps the sweeper off: the refusals all come to the flush below.
+        publisher.publish(entries, broker.max_unconfirmed)  # written, not refused yet
+        with pytest.raises(ConnectionError, match=f"refused message {refused.message_id}"):
+            publisher.publish([], 1)  # what flush() does
+    assert not publisher.waiting(), "the refused message is kept"
+    (logged,) = [r.getMessage() for r in caplog.records if refused.message_id in r.getMessage()]
+    assert "404" in logged and "no-such-exchange" in logged and f"{MAX_REFUSALS} times" in logged
+    # Publishing goes on, and the message sent before the refused one was not dropped (it
+    # may come twice: it was published again alone, to tell which of the two was refused).
+    expected = {innocent.message_id, *(broker.enqueue(message(queue, n)).message_id for n in range(3))}
+    broker.flush()
+    consumer = broker.consume(queue, prefetch=10, timeout=100)
+    got = set()
+    while not expected <= got:
+        got.add(take(consumer).message_id)
+    consumer.close()
+
+
 def test_unreachable_broker_raises_connection_error(make_broker, queue):
     broker = make_broker(url="amqp://guest:guest@127.0.0.1:1/%2F", confirm_timeout=500)
     broker.queues.add(queue)  # skip the (unreachable) declaration
@@ -510,6 +635,26 @@ def test_publishing_without_confirms(make_broker, queue):
     consumer = broker.consume(queue, prefetch=10, timeout=100)
     assert [take(consumer).message_id for _ in range(10)] == sent
     consumer.close()
+
+
+@pytest.mark.parametrize("confirm_delivery", [True, False])
+def test_the_connections_of_threads_that_exited_are_closed(make_broker, queue, confirm_delivery):
+    broker = make_broker(confirm_delivery=confirm_delivery)
+    broker.ensure_queue(queue)
+    publishers = []
+
+    def send(n: int) -> None:  # one request of a thread-per-request server
+        broker.enqueue(message(queue, n))
+        publishers.append(broker._publisher())
+
+    for n in range(5):
+        thread = threading.Thread(target=send, args=(n,))
+        thread.start()
+        thread.join()
+    assert len(set(publishers)) == 5
+    wait_for(lambda: not set(broker._publishers) & set(publishers), message="their publishers dropped")
+    assert all(p.sock is None for p in publishers), "a connection left open"
+    assert broker.get_queue_stats(queue).ready == 5
 
 
 def test_strict_confirms_wait_for_each_message(make_broker, queue):
@@ -711,6 +856,83 @@ def test_a_publish_that_is_never_confirmed_raises(relay, make_broker, queue):
         broker.enqueue(message(queue, "unconfirmed"))
     relay.hold.clear()
     assert not broker._publisher().waiting(), "the caller was told: it is not published behind its back"
+
+
+@pytest.mark.parametrize("verb", ["ack", "nack"])
+def test_a_settlement_whose_job_s_sends_are_unconfirmed_gives_the_delivery_back(
+    relay, make_broker, queue, verb
+):
+    broker = make_broker(url=f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F")
+    job = broker.enqueue(message(queue, "job"))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    proxy = take(consumer)
+    broker.confirm_timeout = 300
+    # RabbitMQ's answers are held back (what a publisher blocked by a resource alarm
+    # sees): the job's follow-up is never confirmed, so its message cannot be settled.
+    relay.hold.set()
+    try:
+        follow_up = broker.enqueue(message(queue, "follow-up"))
+        with pytest.raises(ConnectionError, match="did not confirm"):
+            getattr(consumer, verb)(proxy)
+        assert not consumer.unsettled, "the delivery is still held by a live connection"
+    finally:
+        relay.hold.clear()
+    # Given back with a basic.reject (requeue): neither acked nor dead-lettered, it comes
+    # back, counted as after a crash; the sweeper publishes the follow-up again.
+    seen = {}
+    while len(seen) < 2:
+        again = take(consumer)
+        seen[again.message_id] = again.delivery_count
+        consumer.ack(again)
+    assert seen == {job.message_id: 2, follow_up.message_id: 1}
+    consumer.close()
+
+
+def test_a_returned_message_is_kept_while_its_queue_cannot_be_declared_again(relay, make_broker, queue):
+    broker = make_broker(url=f"amqp://guest:guest@127.0.0.1:{relay.port}/%2F")
+    broker.enqueue(message(queue, "first"))
+    broker.flush()
+    connection, channel = raw_channel()
+    try:
+        # Behind the broker's back: the queue is gone (a message for it comes back as
+        # unroutable), and its q.RQ has other arguments, so declaring it again fails.
+        channel.queue_delete(queue)
+        channel.queue_delete(redelivered_queue(queue))
+        channel.queue_declare(redelivered_queue(queue), durable=True)
+        relay.hold.set()  # the return arrives after the send returned, as it mostly does
+        try:
+            sent = broker.enqueue(message(queue, "returned"))
+        finally:
+            relay.hold.clear()
+        for _ in range(2):  # kept, not dropped, whichever of flush and the sweeper tried
+            with pytest.raises(ConnectionError, match="returned as unroutable"):
+                broker.flush()
+            assert broker._publisher().returned
+        channel.queue_delete(redelivered_queue(queue))  # fixed: declaring works again
+    finally:
+        connection.close()
+    broker.flush()
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    assert take(consumer).message_id == sent.message_id
+    consumer.close()
+
+
+def test_a_send_whose_message_is_returned_and_cannot_be_placed_raises_and_is_not_sent_later(
+    make_broker, queue
+):
+    broker = make_broker(max_unconfirmed=1)  # each send waits for its confirm, or return
+    broker.enqueue(message(queue, "first"))
+    connection, channel = raw_channel()
+    try:
+        channel.queue_delete(queue)
+        channel.queue_delete(redelivered_queue(queue))
+        channel.queue_declare(redelivered_queue(queue), durable=True)
+        with pytest.raises(ConnectionError, match="returned as unroutable"):
+            broker.enqueue(message(queue, "refused"))
+        assert not broker._publisher().waiting(), "the caller was told: it is not published behind its back"
+        channel.queue_delete(redelivered_queue(queue))
+    finally:
+        connection.close()
 
 
 def test_amqps_urls_work(tls_url, make_broker, queue):
