@@ -144,9 +144,8 @@ def enqueue_and_drain(
     env = cell_env(config, system, broker, queue, key)
     counter = redis.Redis.from_url(COUNTER_URL)
     mode = "batch" if batch else "single"
-    sent = run_client(
-        env, system, "--mode", mode, "--count", str(n), "--chunk", str(config.chunk), timeout=900
-    )
+    options = ["--count", str(n), "--chunk", str(config.chunk), "--until-held"]
+    sent = run_client(env, system, "--mode", mode, *options, timeout=900)
     enqueue_rate = n / (sent["t1"] - sent["t0"])
     group = workers(config, system, broker, env, processes)
     group.start()

@@ -60,8 +60,8 @@ def send_batch(name: str, count: int) -> None:
 
 
 def flush() -> None:
-    """Nothing to wait for: Dramatiq publishes to RabbitMQ without confirms (its default)
-    and to Redis with a round trip, so a send has written its message when it returns."""
+    """Nothing to flush: Dramatiq publishes to RabbitMQ without confirms (its default; the
+    client then waits for the queue to hold every message) and to Redis with a round trip."""
 
 
 def close() -> None:
