@@ -111,6 +111,13 @@ def broker_table(values: Table, broker: str) -> list[str]:
     return lines
 
 
+def mebibytes(mine: float, theirs: float) -> str:
+    """ "48 vs 30", with a decimal when whole MiB would show two different sizes as one."""
+    if f"{mine:.0f}" == f"{theirs:.0f}" and mine != theirs:
+        return f"{mine:.1f} vs {theirs:.1f}"
+    return f"{mine:.0f} vs {theirs:.0f}"
+
+
 def against_goal(value: float, goal: float, digits: int) -> str:
     """``value`` rounded to ``digits``, with more of them when rounding would hide a miss
     (1.9997 shown as "2.00" beside a goal of 2.0 and "no")."""
@@ -178,7 +185,7 @@ def targets(values: Table) -> list[tuple[str, float | None, str, bool | None]]:
         )
         if mine and theirs:
             out.append(
-                (f"worker peak RSS, {broker}, 1 x 8", mine, f"{mine:.0f} vs {theirs:.0f} MiB", mine <= theirs)
+                (f"worker peak RSS, {broker}, 1 x 8", mine, f"{mebibytes(mine, theirs)} MiB", mine <= theirs)
             )
     for broker in ("redis", "rabbitmq"):
         # Not a target of its own: what one more worker process costs, beside its RSS.
@@ -187,7 +194,7 @@ def targets(values: Table) -> list[tuple[str, float | None, str, bool | None]]:
             median(values, broker, "dramatiq", "pss_1x8"),
         )
         if mine and theirs:
-            shown = f"{mine:.0f} vs {theirs:.0f} MiB (context for the RSS row)"
+            shown = f"{mebibytes(mine, theirs)} MiB (context for the RSS row)"
             out.append((f"worker PSS, {broker}, 1 x 8", mine, shown, mine <= theirs))
     for broker in ("redis", "rabbitmq"):
         # Context too: Dramatiq as a Django team runs it (django_dramatiq sets Django up).
@@ -197,7 +204,7 @@ def targets(values: Table) -> list[tuple[str, float | None, str, bool | None]]:
                 median(values, broker, "dramatiq+django", metric),
             )
             if mine and theirs:
-                shown = f"{mine:.0f} vs {theirs:.0f} MiB (context: Dramatiq with Django set up)"
+                shown = f"{mebibytes(mine, theirs)} MiB (context: Dramatiq with Django set up)"
                 label = f"worker {what}, {broker}, 1 x 8, vs Dramatiq + Django"
                 out.append((label, mine, shown, mine <= theirs))
     return out

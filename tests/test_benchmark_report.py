@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.report import against_goal
+from benchmarks.report import against_goal, mebibytes
 
 
 @pytest.mark.parametrize(
@@ -19,3 +19,15 @@ from benchmarks.report import against_goal
 )
 def test_a_target_s_ratio_is_never_rounded_into_its_goal(value, goal, digits, shown):
     assert against_goal(value, goal, digits) == shown
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "shown"),
+    [
+        (47.8, 47.7, "47.8 vs 47.7"),  # "48 vs 48" beside "no" would hide the difference
+        (47.8, 30.1, "48 vs 30"),
+        (48.0, 48.0, "48 vs 48"),
+    ],
+)
+def test_memory_sizes_that_differ_never_show_as_one(mine, theirs, shown):
+    assert mebibytes(mine, theirs) == shown
