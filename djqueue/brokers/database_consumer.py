@@ -331,11 +331,8 @@ class DatabaseConsumer(Consumer):
         # rows with its next claim, the maintenance thread those that waited
         # ACK_FLUSH_INTERVAL, and close() the rest.
         with self.cond:
-            if proxy.tag not in self.held:
+            if not self._unhold(proxy.tag):
                 return
-            self.held.discard(proxy.tag)
-            if proxy.tag == self.isolated:
-                self._release_isolated()
             self.acks.append(proxy.tag)
             first = len(self.acks) == 1
             if first:
@@ -356,19 +353,15 @@ class DatabaseConsumer(Consumer):
             self.ack(proxy)
             return
         with self.cond:
-            if proxy.tag not in self.held:
+            if not self._unhold(proxy.tag):
                 return
-            self.held.discard(proxy.tag)
-            if proxy.tag == self.isolated:
-                self._release_isolated()
             self.cond.notify_all()
         logger.error(
             "database broker: the dead letter of %s was not stored; it is delivered again in %d ms",
             proxy.message_id,
             self.broker.lease,
         )
-        later = current_millis() + self.broker.lease
-        self.db.run(partial(self.sql.requeue, [proxy.tag], self.owner, self.queue_name, later))
+        self._give_back([proxy.tag], current_millis() + self.broker.lease)
 
     def flush_acks(self, older_than: float | None = None) -> bool:
         """Delete acked rows now (or only once the oldest ack is ``older_than`` s old);
@@ -389,12 +382,18 @@ class DatabaseConsumer(Consumer):
 
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
         with self.cond:
-            ids = [p.tag for p in proxies if p.tag in self.held]
-            self.held.difference_update(ids)
-            if self.isolated in ids:
-                self._release_isolated()
+            ids = [p.tag for p in proxies if self._unhold(p.tag)]
             self.cond.notify_all()
         self._give_back(ids)
+
+    def _unhold(self, tag: int) -> bool:
+        # Under the cond. False: not held (settled already, or the consumer closed).
+        if tag not in self.held:
+            return False
+        self.held.discard(tag)
+        if tag == self.isolated:
+            self._release_isolated()
+        return True
 
     def _release_isolated(self) -> None:
         # Under the cond: look at once for the next much-delivered message we skipped.
@@ -402,10 +401,11 @@ class DatabaseConsumer(Consumer):
         self.notified = True
         self.cond.notify_all()
 
-    def _give_back(self, ids: list[int]) -> None:
+    def _give_back(self, ids: list[int], due_at: int | None = None) -> None:
         if not ids:
             return
-        self.db.run(partial(self.sql.requeue, ids, self.owner, self.queue_name, current_millis()))
+        due = current_millis() if due_at is None else due_at
+        self.db.run(partial(self.sql.requeue, ids, self.owner, self.queue_name, due))
         if not self.broker.listen:
             self.broker.wake(self.queue_name)
 
