@@ -172,6 +172,33 @@ def test_the_supervised_scheduler_process(monkeypatch):
             process.join(10)
 
 
+def test_a_scheduler_whose_supervisor_died_while_it_booted_stops(monkeypatch):
+    # The supervisor's pid is handed over at start: one that died before the scheduler
+    # set Django up (here, before it even started) must still be noticed.
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from djqueue.scheduling.scheduler import scheduler_process_main
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(30)
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.scheduling.settings")
+    monkeypatch.setenv("DJQUEUE_BROKER_URL", "db://default")
+    monkeypatch.setenv("DJQUEUE_TEST_CRONTABS", "{}")
+    process = multiprocessing.get_context("spawn").Process(
+        target=scheduler_process_main, args=(None, "INFO", gone.pid)
+    )
+    process.start()
+    try:
+        process.join(30)
+        assert process.exitcode == 0
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+
+
 def test_runscheduler_list_in_a_process():
     crontabs = {"nightly": {"actor": "sched.tick", "schedule": "30 2 * * *", "timezone": "America/New_York"}}
     result = subprocess.run(
