@@ -7,6 +7,8 @@ declaration is idempotent and uses the same arguments, so re-declaring never fai
 
 - ``q``: durable; a nacked message is dead-lettered into ``q.DQ``; ``x-max-priority``
   on classic queues.
+- Classic queues are lazy (``x-queue-mode``): RabbitMQ keeps their messages on disk, not
+  in memory, as every classic queue of RabbitMQ 3.12 and later does.
 - ``q.RQ``: messages delivered before and never settled (their process died, or a
   connection dropped), sent round again with their delivery count in a header. Each
   consumer takes at most one of them at a time, so a job that kills its process is
@@ -124,7 +126,8 @@ class RabbitmqBroker(Broker):
     several URLs separated by ``;`` (or ``urls=[...]``) name the nodes of a cluster.
 
     Options: ``queue_type`` ("classic" or "quorum"), ``max_priority`` (5; 0 turns
-    priorities off), ``dead_letter_ttl`` (ms; default DJQUEUE["DEAD_LETTER_TTL"]),
+    priorities off), ``lazy_queues`` (True: classic queues keep their messages on disk,
+    not in RabbitMQ's memory), ``dead_letter_ttl`` (ms; default DJQUEUE["DEAD_LETTER_TTL"]),
     ``confirm_delivery`` (True), ``max_unconfirmed`` (10,000 messages per thread; 1
     makes every publish wait for its confirm), ``confirm_timeout`` (10,000 ms).
     """
@@ -140,6 +143,7 @@ class RabbitmqBroker(Broker):
         urls: Iterable[str] | None = None,
         queue_type: str = "classic",
         max_priority: int = DEFAULT_MAX_PRIORITY,
+        lazy_queues: bool = True,
         dead_letter_ttl: int | None = None,
         confirm_delivery: bool = True,
         max_unconfirmed: int = 10_000,
@@ -155,11 +159,14 @@ class RabbitmqBroker(Broker):
             raise ConfigurationError(
                 f"max_priority must be a whole number from 0 to 255, not {max_priority!r}"
             )
+        if not isinstance(lazy_queues, bool):
+            raise ConfigurationError(f"lazy_queues must be True or False, not {lazy_queues!r}")
         for name, value in (("max_unconfirmed", max_unconfirmed), ("confirm_timeout", confirm_timeout)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive whole number, not {value!r}")
         self.queue_type = queue_type
         self.max_priority = max_priority if queue_type == "classic" else 0
+        self.lazy_queues = lazy_queues and queue_type == "classic"
         self.dead_letter_ttl = int(dead_letter_ttl or _default_dead_letter_ttl())
         self.confirm_delivery = bool(confirm_delivery)
         self.max_unconfirmed = max_unconfirmed
@@ -271,8 +278,8 @@ class RabbitmqBroker(Broker):
                         raise ConfigurationError(
                             f"RabbitMQ refused a declaration: {e.reply_text}. A queue exists with "
                             "other arguments than these broker options (queue_type, max_priority, "
-                            "dead_letter_ttl) give it: set the options back, or delete the queue "
-                            "(after draining it) so that it is declared again."
+                            "lazy_queues, dead_letter_ttl) give it: set the options back, or delete "
+                            "the queue (after draining it) so that it is declared again."
                         ) from None
                     if attempt == 2:
                         raise BrokerError(
@@ -298,6 +305,13 @@ class RabbitmqBroker(Broker):
         return self._typed(arguments, dead_letters=True)
 
     def _typed(self, arguments: dict[str, Any], *, dead_letters: bool) -> dict[str, Any]:
+        if self.lazy_queues:
+            # A lazy queue takes in a persistent message with about a fifth less of
+            # RabbitMQ's CPU (it is written to disk either way; lazy keeps no copy in
+            # memory), and a backlog of millions cannot push RabbitMQ into its memory
+            # alarm, which would block every publisher. RabbitMQ 3.12 and later ignore
+            # the argument: their classic queues always work this way.
+            arguments["x-queue-mode"] = "lazy"
         if self.queue_type == "quorum":
             arguments["x-queue-type"] = "quorum"
             if dead_letters:

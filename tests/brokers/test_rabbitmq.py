@@ -24,6 +24,8 @@ from djqueue.brokers.rabbitmq import (
     DELAY_LEVELS,
     RabbitmqBroker,
     dead_letter_queue,
+    delay_exchange,
+    delay_queue,
     delay_route,
     publish_frames,
     redelivered_queue,
@@ -168,7 +170,13 @@ def test_check_url_rejects_bad_urls(url):
 
 @pytest.mark.parametrize(
     "options",
-    [{"queue_type": "stream"}, {"max_priority": 256}, {"max_unconfirmed": 0}, {"confirm_timeout": -1}],
+    [
+        {"queue_type": "stream"},
+        {"max_priority": 256},
+        {"lazy_queues": "yes"},
+        {"max_unconfirmed": 0},
+        {"confirm_timeout": -1},
+    ],
 )
 def test_bad_options_are_refused(options):
     with pytest.raises(ConfigurationError):
@@ -254,7 +262,11 @@ def test_nack_moves_the_message_to_the_dead_letter_queue(make_broker, queue):
     connection, channel = raw_channel()
     try:
         # Declaring it with an x-message-ttl of dead_letter_ttl succeeds: that is its TTL.
-        channel.queue_declare(dead_letter_queue(queue), durable=True, arguments={"x-message-ttl": 60_000})
+        channel.queue_declare(
+            dead_letter_queue(queue),
+            durable=True,
+            arguments={"x-message-ttl": 60_000, "x-queue-mode": "lazy"},
+        )
         method, properties, body = channel.basic_get(dead_letter_queue(queue))
         assert Message.decode(body).message_id == sent.message_id
         assert properties.headers["x-death"][0]["reason"] == "rejected"
@@ -519,6 +531,41 @@ def test_changed_queue_arguments_raise_a_clear_error(make_broker, queue):
         changed.ensure_queue(queue)
     with pytest.raises(ConfigurationError, match="x-max-priority"):
         changed.enqueue(message(queue, 1))
+
+
+def test_classic_queues_are_lazy_unless_turned_off(make_broker, queue):
+    broker = make_broker()
+    broker.enqueue(message(queue, 1), delay=60_000)  # declares the delay levels too
+    broker.flush()
+    plain = make_broker(lazy_queues=False)
+    # Each queue's arguments as the broker gives them, but for x-queue-mode.
+    main = plain._queue_arguments(queue)
+    arguments = {
+        queue: main,
+        redelivered_queue(queue): main,
+        dead_letter_queue(queue): {"x-message-ttl": plain.dead_letter_ttl},
+        delay_queue(queue, 0): {
+            "x-message-ttl": 1,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+        },
+        delay_queue(queue, 15): {"x-message-ttl": 2**15, "x-dead-letter-exchange": delay_exchange(14)},
+    }
+    connection, channel = raw_channel()
+    try:
+        for name, without_mode in arguments.items():
+            # RabbitMQ refuses (406) a declaration whose x-queue-mode is not the queue's.
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-queue-mode"):
+                channel.queue_declare(name, durable=True, arguments=without_mode)
+            channel = connection.channel()
+            channel.queue_declare(name, durable=True, arguments=without_mode | {"x-queue-mode": "lazy"})
+    finally:
+        connection.close()
+    # A queue declared before, without the argument, is used with lazy_queues=False.
+    other = f"{queue}_plain"
+    plain.ensure_queue(other)
+    with pytest.raises(ConfigurationError, match=r"x-queue-mode.*lazy_queues"):
+        make_broker().ensure_queue(other)
 
 
 def test_runworkers_does_not_start_on_a_queue_rabbitmq_has_with_other_arguments(
