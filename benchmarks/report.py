@@ -26,6 +26,15 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "pss_2x8": ("PSS of one worker process (its own memory), 2 x 8", "MiB", False),
 }
 SYSTEM_ORDER = ("djqueue", "dramatiq", "dramatiq+django", "celery", "django-tasks")
+# One colour per system: a system without its own would take matplotlib's next default
+# colour, the same blue as djqueue's.
+COLORS = {
+    "djqueue": "#2a7ab0",
+    "dramatiq": "#e08a2c",
+    "dramatiq+django": "#f2c48d",
+    "celery": "#5aa05a",
+    "django-tasks": "#9a6fb0",
+}
 BROKER_ORDER = ("redis", "rabbitmq", "postgres", "sqlite")
 PACKAGES = (
     "djqueue",
@@ -280,7 +289,6 @@ def draw_chart(values: Table, path: Path) -> None:
     panels = ["enqueue_single", "enqueue_batch", "drain_1x8", "drain_2x8"]
     brokers = [b for b in BROKER_ORDER if any(k[0] == b for k in values)]
     systems = [s for s in SYSTEM_ORDER if any(k[1] == s for k in values)]
-    colors = {"djqueue": "#2a7ab0", "dramatiq": "#e08a2c", "celery": "#5aa05a", "django-tasks": "#9a6fb0"}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     width = 0.8 / max(len(systems), 1)
     for ax, metric in zip(axes.flat, panels, strict=True):
@@ -299,7 +307,7 @@ def draw_chart(values: Table, path: Path) -> None:
         for system in systems:
             if system in placed:
                 xs, ys, lo, hi = placed[system]
-                bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=system, color=colors.get(system))
+                bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=system, color=COLORS[system])
                 ax.bar_label(bars, labels=[fmt(y) for y in ys], fontsize=7, padding=2)
         ax.set_xticks(range(len(brokers)), brokers)
         ax.set_yscale("log")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.report import against_goal, mebibytes
+from benchmarks.report import COLORS, SYSTEM_ORDER, against_goal, mebibytes
 
 
 @pytest.mark.parametrize(
@@ -31,3 +31,7 @@ def test_a_target_s_ratio_is_never_rounded_into_its_goal(value, goal, digits, sh
 )
 def test_memory_sizes_that_differ_never_show_as_one(mine, theirs, shown):
     assert mebibytes(mine, theirs) == shown
+
+
+def test_every_system_has_its_own_colour_in_the_chart():
+    assert len({COLORS[system] for system in SYSTEM_ORDER}) == len(SYSTEM_ORDER)
