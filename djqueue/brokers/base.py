@@ -317,18 +317,47 @@ class Broker:
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         """Store ``message``; ``delay`` (ms) postpones it. Returns the message as stored."""
-        message, data = self.prepare(message, delay=delay)
-        self._enqueue(message, data)
+        try:
+            message, data = self.prepare(message, delay=delay)
+            self._enqueue(message, data)
+        except BaseException:
+            self._unclaim([message])
+            raise
         self.emit_after("enqueue", message, delay)
         return message
 
     def enqueue_many(self, messages: Iterable[Message]) -> list[Message]:
-        """Store several messages in as few round trips as the broker allows."""
-        prepared = [self.prepare(m) for m in messages]
-        self._enqueue_many(prepared)
+        """Store several messages in as few round trips as the broker allows. Every
+        message is prepared (hooks run, encoded, size checked) before any is sent: if
+        one cannot be, the error is raised and none of the batch is sent."""
+        prepared: list[tuple[Message, bytes]] = []
+        current: Message | None = None
+        try:
+            for current in messages:
+                prepared.append(self.prepare(current))
+            self._enqueue_many(prepared)
+        except BaseException:
+            self._unclaim([m for m, _ in prepared] + ([current] if current is not None else []))
+            raise
         for message, _ in prepared:
             self.emit_after("enqueue", message, None)
         return [m for m, _ in prepared]
+
+    def _unclaim(self, messages: list[Message]) -> None:
+        """Free the unique keys that ``before_enqueue`` claimed for messages whose send
+        failed: held, they would refuse every later send of the job until their TTL."""
+        from ..middleware.unique import UniqueJobs  # the middleware package imports this one
+
+        unique = self.get_middleware(UniqueJobs)
+        if unique is None:
+            return
+        for message in messages:
+            try:
+                unique.release(message)  # frees a key only if this message holds it
+            except ConfigurationError:
+                pass  # an invalid unique_key: it was refused, never claimed
+            except Exception:
+                logger.exception("could not free the unique_key of %s", message.message_id)
 
     def _enqueue(self, message: Message, data: bytes) -> None:
         raise NotImplementedError("subclasses of Broker must implement _enqueue()")

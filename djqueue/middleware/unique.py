@@ -125,21 +125,13 @@ class UniqueJobs(Middleware):
 
 
 def enqueue_unique(broker: Broker, message: Message, delay: int | None) -> Message | None:
-    """``broker.enqueue`` for a message with a ``unique_key``: None for a duplicate, and
-    the key freed again if the enqueue fails after claiming it."""
+    """``broker.enqueue`` for a message with a ``unique_key``: None for a duplicate. (If
+    the enqueue fails after claiming the key, the broker frees it again.)"""
     try:
         return broker.enqueue(message, delay=delay)
     except DuplicateJob as e:
         logger.info("not enqueueing %s: %s", message.message_id, e)
         return None
-    except Exception:
-        unique = broker.get_middleware(UniqueJobs)
-        if unique is not None:
-            try:
-                unique.release(message)
-            except Exception:
-                logger.exception("could not free unique_key of %s", message.message_id)
-        raise
 
 
 def cancel_message(broker: Broker, message_id: str, queue_name: str | None = None) -> bool:

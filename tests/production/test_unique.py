@@ -9,9 +9,12 @@ import uuid
 import pytest
 from django.test import override_settings
 
-from djqueue import actor
+from djqueue import actor, group
 from djqueue.brokers import cancel
-from djqueue.errors import ConfigurationError, MessageTooLarge
+from djqueue.brokers.redis import RedisBroker
+from djqueue.errors import ConfigurationError, ConnectionError, MessageTooLarge
+from djqueue.message import Message
+from djqueue.middleware.unique import DuplicateJob
 from djqueue.models import DeadLetter
 from djqueue.rate_limits import set_backend
 from tests.process import wait_for
@@ -135,6 +138,47 @@ def test_a_failed_enqueue_frees_the_key(stub_broker, job, memory_backend):
     assert memory_backend.unique_holder("unique:" + key) is None
     stub_broker.max_message_size = 1024 * 1024
     assert job.send_with_options(args=(1,), unique_key=key) is not None
+
+
+def test_a_group_that_cannot_be_sent_frees_the_keys_its_members_claimed(stub_broker, job, memory_backend):
+    keys = [ukey() for _ in range(3)]
+    stub_broker.max_message_size = 300
+    members = [job.message_with_options(args=(n,), unique_key=key) for n, key in enumerate(keys[:2])]
+    members.append(job.message_with_options(args=("x" * 500,), unique_key=keys[2]))
+    with pytest.raises(MessageTooLarge):
+        group(members, broker=stub_broker).run()
+    assert stub_broker.get_queue_stats("default").ready == 0
+    assert [memory_backend.unique_holder("unique:" + key) for key in keys] == [None, None, None]
+    stub_broker.max_message_size = 1024 * 1024
+    assert all(job.send_with_options(args=(1,), unique_key=key) is not None for key in keys)
+
+
+def test_a_group_with_a_held_key_frees_the_keys_of_the_members_before_it(stub_broker, job, memory_backend):
+    free, held = ukey(), ukey()
+    holder = job.send_with_options(args=(0,), unique_key=held)
+    members = [
+        job.message_with_options(args=(1,), unique_key=free),
+        job.message_with_options(args=(2,), unique_key=held),
+    ]
+    with pytest.raises(DuplicateJob):
+        group(members, broker=stub_broker).run()
+    assert stub_broker.get_queue_stats("default").ready == 1  # the holder alone
+    assert memory_backend.unique_holder("unique:" + free) is None
+    assert memory_backend.unique_holder("unique:" + held) == holder.message_id, "the holder keeps its key"
+
+
+def test_a_batch_the_broker_cannot_store_frees_its_keys(memory_backend):
+    broker = RedisBroker(url="redis://127.0.0.1:1/0")  # nothing listens there
+    keys = [ukey() for _ in range(3)]
+    messages = [
+        Message(
+            queue_name="default", actor_name="unique_job", args=(n,), kwargs={}, options={"unique_key": key}
+        )
+        for n, key in enumerate(keys)
+    ]
+    with pytest.raises(ConnectionError):
+        broker.enqueue_many(messages)
+    assert [memory_backend.unique_holder("unique:" + key) for key in keys] == [None, None, None]
 
 
 def test_enqueue_on_commit_refuses_a_duplicate_at_call_time(stub_broker, job, memory_backend):
