@@ -146,11 +146,7 @@ class group:  # lower case, like pipeline and as in Dramatiq
         if not messages:
             # Every one of no members has completed.
             messages = list(self.callbacks)
-        if delay:
-            for message in messages:
-                self.broker.enqueue(message, delay=delay)
-        else:
-            self.broker.enqueue_many(messages)
+        self.broker.enqueue_many(messages, delay=delay)
         return self
 
     def get_results(self, *, block: bool = False, timeout: int | None = None) -> list[Any]:

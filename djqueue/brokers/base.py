@@ -326,21 +326,22 @@ class Broker:
         self.emit_after("enqueue", message, delay)
         return message
 
-    def enqueue_many(self, messages: Iterable[Message]) -> list[Message]:
-        """Store several messages in as few round trips as the broker allows. Every
-        message is prepared (hooks run, encoded, size checked) before any is sent: if
-        one cannot be, the error is raised and none of the batch is sent."""
+    def enqueue_many(self, messages: Iterable[Message], *, delay: int | None = None) -> list[Message]:
+        """Store several messages in as few round trips as the broker allows; ``delay``
+        (ms) postpones all of them. Every message is prepared (hooks run, encoded, size
+        checked) before any is sent: if one cannot be, the error is raised and none of
+        the batch is sent."""
         prepared: list[tuple[Message, bytes]] = []
         current: Message | None = None
         try:
             for current in messages:
-                prepared.append(self.prepare(current))
+                prepared.append(self.prepare(current, delay=delay))
             self._enqueue_many(prepared)
         except BaseException:
             self._unclaim([m for m, _ in prepared] + ([current] if current is not None else []))
             raise
         for message, _ in prepared:
-            self.emit_after("enqueue", message, None)
+            self.emit_after("enqueue", message, delay)
         return [m for m, _ in prepared]
 
     def _unclaim(self, messages: list[Message]) -> None:

@@ -65,6 +65,15 @@ def test_wait_and_non_blocking_results(broker, result_backend, worker, queue_nam
     assert g.get_results() == [4, 9]
 
 
+def test_a_delayed_group_runs_its_members_after_the_delay(broker, result_backend, worker, queue_name):
+    square, *_ = declare(broker, queue_name)
+    worker.start()
+    started = time.monotonic()
+    g = group([square.message(2), square.message(3)]).run(delay=500)
+    assert g.get_results(block=True, timeout=10_000) == [4, 9]
+    assert time.monotonic() - started >= 0.5
+
+
 def test_a_failed_member_fails_the_results_and_the_callback_never_fires(
     broker, result_backend, worker, queue_name
 ):

@@ -153,7 +153,10 @@ def test_a_group_that_cannot_be_sent_frees_the_keys_its_members_claimed(stub_bro
     assert all(job.send_with_options(args=(1,), unique_key=key) is not None for key in keys)
 
 
-def test_a_group_with_a_held_key_frees_the_keys_of_the_members_before_it(stub_broker, job, memory_backend):
+@pytest.mark.parametrize("delay", [None, 60_000])
+def test_a_group_with_a_held_key_enqueues_no_member_and_frees_their_keys(
+    stub_broker, job, memory_backend, delay
+):
     free, held = ukey(), ukey()
     holder = job.send_with_options(args=(0,), unique_key=held)
     members = [
@@ -161,8 +164,9 @@ def test_a_group_with_a_held_key_frees_the_keys_of_the_members_before_it(stub_br
         job.message_with_options(args=(2,), unique_key=held),
     ]
     with pytest.raises(DuplicateJob):
-        group(members, broker=stub_broker).run()
-    assert stub_broker.get_queue_stats("default").ready == 1  # the holder alone
+        group(members, broker=stub_broker).run(delay=delay)
+    stats = stub_broker.get_queue_stats("default")
+    assert (stats.ready, stats.delayed) == (1, 0)  # the holder alone
     assert memory_backend.unique_holder("unique:" + free) is None
     assert memory_backend.unique_holder("unique:" + held) == holder.message_id, "the holder keeps its key"
 
