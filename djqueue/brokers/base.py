@@ -47,6 +47,7 @@ HOOKS = (
     "after_declare_queue",
     "before_enqueue",
     "after_enqueue",
+    "after_enqueue_failed",
     "before_process_message",
     "after_process_message",
     "after_skip_message",
@@ -320,8 +321,8 @@ class Broker:
         try:
             message, data = self.prepare(message, delay=delay)
             self._enqueue(message, data)
-        except BaseException:
-            self._unclaim([message])
+        except BaseException as e:
+            self.emit_after("enqueue_failed", message, delay, e)
             raise
         self.emit_after("enqueue", message, delay)
         return message
@@ -332,33 +333,21 @@ class Broker:
         checked) before any is sent: if one cannot be, the error is raised and none of
         the batch is sent."""
         prepared: list[tuple[Message, bytes]] = []
-        current: Message | None = None
+        preparing: Message | None = None
         try:
-            for current in messages:
-                prepared.append(self.prepare(current, delay=delay))
+            for preparing in messages:
+                prepared.append(self.prepare(preparing, delay=delay))
+                preparing = None
             self._enqueue_many(prepared)
-        except BaseException:
-            self._unclaim([m for m, _ in prepared] + ([current] if current is not None else []))
+        except BaseException as e:
+            # Every message whose before_enqueue hooks may have run, the failing one too.
+            failed = [m for m, _ in prepared] + ([preparing] if preparing is not None else [])
+            for message in failed:
+                self.emit_after("enqueue_failed", message, delay, e)
             raise
         for message, _ in prepared:
             self.emit_after("enqueue", message, delay)
         return [m for m, _ in prepared]
-
-    def _unclaim(self, messages: list[Message]) -> None:
-        """Free the unique keys that ``before_enqueue`` claimed for messages whose send
-        failed: held, they would refuse every later send of the job until their TTL."""
-        from ..middleware.unique import UniqueJobs  # the middleware package imports this one
-
-        unique = self.get_middleware(UniqueJobs)
-        if unique is None:
-            return
-        for message in messages:
-            try:
-                unique.release(message)  # frees a key only if this message holds it
-            except ConfigurationError:
-                pass  # an invalid unique_key: it was refused, never claimed
-            except Exception:
-                logger.exception("could not free the unique_key of %s", message.message_id)
 
     def _enqueue(self, message: Message, data: bytes) -> None:
         raise NotImplementedError("subclasses of Broker must implement _enqueue()")

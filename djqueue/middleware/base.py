@@ -37,6 +37,11 @@ class Middleware:
 
     def before_enqueue(self, broker: Broker, message: Message, delay: int | None) -> None: ...
     def after_enqueue(self, broker: Broker, message: Message, delay: int | None) -> None: ...
+    def after_enqueue_failed(
+        self, broker: Broker, message: Message, delay: int | None, exception: BaseException
+    ) -> None:
+        """The send of ``message`` (or of the batch it was in) raised ``exception`` after
+        the before_enqueue hooks may have run for it: undo what they claimed."""
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None: ...
     def after_process_message(

@@ -99,6 +99,16 @@ class UniqueJobs(Middleware):
         if not self.backend.unique_claim("unique:" + key, message.message_id, ttl=self.ttl_for(message)):
             raise DuplicateJob(key, self.backend.unique_holder("unique:" + key))
 
+    def after_enqueue_failed(
+        self, broker: Broker, message: Message, delay: int | None, exception: BaseException
+    ) -> None:
+        # Held, the key would refuse every later send of the job until its TTL. Freed
+        # only if this message holds it (not when another's key refused it).
+        try:
+            self.release(message)
+        except ConfigurationError:
+            pass  # an invalid unique_key: refused, never claimed
+
     def after_enqueue(self, broker: Broker, message: Message, delay: int | None) -> None:
         if getattr(self._local, "running", None) == message.message_id:
             self._local.requeued = True
@@ -126,7 +136,7 @@ class UniqueJobs(Middleware):
 
 def enqueue_unique(broker: Broker, message: Message, delay: int | None) -> Message | None:
     """``broker.enqueue`` for a message with a ``unique_key``: None for a duplicate. (If
-    the enqueue fails after claiming the key, the broker frees it again.)"""
+    the enqueue fails after claiming the key, ``after_enqueue_failed`` frees it.)"""
     try:
         return broker.enqueue(message, delay=delay)
     except DuplicateJob as e:
