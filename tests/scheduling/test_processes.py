@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -9,7 +10,9 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -147,56 +150,49 @@ def test_a_restarted_scheduler_applies_the_catch_up_policy(processes):
     assert "catching up the tick of" in second.output()
 
 
-def test_the_supervised_scheduler_process(monkeypatch):
-    # What runworkers --scheduler starts: scheduler_process_main in a 'spawn' child.
+@contextlib.contextmanager
+def scheduler_process(monkeypatch, crontabs: dict, *args: object) -> Iterator[Any]:
+    """What runworkers --scheduler starts: scheduler_process_main in a 'spawn' child,
+    with ``args`` after (log_file, log_level); killed if still alive at the end."""
     import multiprocessing
-    import signal
 
     from djqueue.scheduling.scheduler import scheduler_process_main
 
-    name = f"supervised-{uuid.uuid4().hex[:6]}"
-    crontabs = {name: {"actor": "sched.tick", "schedule": "* * * * * *", "queue_name": "supervised"}}
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.scheduling.settings")
     monkeypatch.setenv("DJQUEUE_BROKER_URL", "db://default")
     monkeypatch.setenv("DJQUEUE_TEST_CRONTABS", json.dumps(crontabs))
-    process = multiprocessing.get_context("spawn").Process(target=scheduler_process_main, args=(None, "INFO"))
+    process = multiprocessing.get_context("spawn").Process(
+        target=scheduler_process_main, args=(None, "INFO", *args)
+    )
     process.start()
     try:
-        wait_for(lambda: len(runs("default", name)) >= 2, timeout=60, message="ticks from the child process")
-        os.kill(process.pid, signal.SIGTERM)
-        process.join(30)
-        assert process.exitcode == 0
+        yield process
     finally:
         if process.is_alive():
             process.kill()
             process.join(10)
+
+
+def test_the_supervised_scheduler_process(monkeypatch):
+    import signal
+
+    name = f"supervised-{uuid.uuid4().hex[:6]}"
+    crontabs = {name: {"actor": "sched.tick", "schedule": "* * * * * *", "queue_name": "supervised"}}
+    with scheduler_process(monkeypatch, crontabs) as process:
+        wait_for(lambda: len(runs("default", name)) >= 2, timeout=60, message="ticks from the child process")
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(30)
+        assert process.exitcode == 0
 
 
 def test_a_scheduler_whose_supervisor_died_while_it_booted_stops(monkeypatch):
     # The supervisor's pid is handed over at start: one that died before the scheduler
     # set Django up (here, before it even started) must still be noticed.
-    import multiprocessing
-    import subprocess
-    import sys
-
-    from djqueue.scheduling.scheduler import scheduler_process_main
-
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(30)
-    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.scheduling.settings")
-    monkeypatch.setenv("DJQUEUE_BROKER_URL", "db://default")
-    monkeypatch.setenv("DJQUEUE_TEST_CRONTABS", "{}")
-    process = multiprocessing.get_context("spawn").Process(
-        target=scheduler_process_main, args=(None, "INFO", gone.pid)
-    )
-    process.start()
-    try:
+    with scheduler_process(monkeypatch, {}, gone.pid) as process:
         process.join(30)
         assert process.exitcode == 0
-    finally:
-        if process.is_alive():
-            process.kill()
-            process.join(10)
 
 
 def test_runscheduler_list_in_a_process():
