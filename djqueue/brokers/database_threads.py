@@ -5,11 +5,12 @@ consumers on PostgreSQL notifications."""
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError, connections
 
@@ -20,6 +21,13 @@ if TYPE_CHECKING:
     from .database import DatabaseBroker
 
 logger = logging.getLogger("djqueue.broker.database")
+
+# A LISTEN connection silent for this long (s) is asked a query, which must be answered
+# within PROBE_TIMEOUT (s): a server that stopped answering (hung, or its host or the
+# network gone without closing the connection) would otherwise leave the consumers
+# waking only every MAX_IDLE, for as long as TCP takes to notice (hours, by default).
+LISTEN_CHECK = 30.0
+PROBE_TIMEOUT = 10.0
 
 
 class Maintenance(threading.Thread):
@@ -83,6 +91,8 @@ class Listener(threading.Thread):
         self.stopping = threading.Event()
         # stop() writes to one end to interrupt the wait for notifications.
         self.interrupt, self.interrupter = socket.socketpair()
+        # The server process of the current LISTEN connection (None: not connected).
+        self.backend_pid: int | None = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -110,13 +120,15 @@ class Listener(threading.Thread):
                 params.setdefault("connect_timeout", 10)
                 conn = psycopg.Connection.connect(**params, autocommit=True)
                 conn.execute(f"LISTEN {CHANNEL}")
+                self.backend_pid = conn.info.backend_pid
                 self.broker.wake()  # whatever was sent before we listened
                 backoff = 0.1
                 with selectors.DefaultSelector() as selector:
                     selector.register(conn.fileno(), selectors.EVENT_READ)
                     selector.register(self.interrupt, selectors.EVENT_READ)
                     while not self.stopping.is_set():
-                        selector.select()
+                        if not selector.select(LISTEN_CHECK):
+                            _probe(conn)
                         for notify in conn.notifies(timeout=0):
                             self.broker.wake(notify.payload)
             except Exception as e:
@@ -128,5 +140,33 @@ class Listener(threading.Thread):
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
+                self.backend_pid = None
                 if conn is not None:
                     conn.close()
+
+
+def _probe(conn: Any) -> None:
+    """Run a query on ``conn``, raising if the server does not answer it within
+    PROBE_TIMEOUT: psycopg would wait for ever, so a timer shuts the socket down."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    cut = threading.Event()
+
+    def cut_off() -> None:
+        cut.set()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes psycopg's wait with an error
+        except OSError:
+            pass
+
+    timer = threading.Timer(PROBE_TIMEOUT, cut_off)
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.execute("SELECT 1")
+    except Exception:
+        if cut.is_set():
+            raise TimeoutError(f"the server did not answer within {PROBE_TIMEOUT:g} s") from None
+        raise
+    finally:
+        timer.cancel()
+        sock.close()  # the duplicate only

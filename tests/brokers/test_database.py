@@ -14,13 +14,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connections, transaction
 
 from djqueue import Message, Worker, actor, get_current_message
-from djqueue.brokers import broker_from_url
+from djqueue.brokers import broker_from_url, database_threads
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.database import DatabaseBroker
 from djqueue.brokers.database_sql import ISOLATE_AFTER, Statements
@@ -474,6 +475,42 @@ def test_a_consumer_survives_its_connections_being_cut(make, alias, queue):
     assert take(consumer).message.args == (2,)  # next() never raised
     consumer.ack(held)
     assert broker.get_queue_stats(queue)[:3] == (0, 0, 1)
+    consumer.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_listen_connection_whose_server_stops_answering_is_replaced(make, queue, monkeypatch):
+    # The LISTEN connection's server process is stopped, not killed: the connection
+    # stays open and silent, as when a server hangs or its host or network goes away
+    # without closing it. Waiting on it for ever would leave the consumer finding new
+    # messages only at its 10-second look.
+    monkeypatch.setattr(database_threads, "LISTEN_CHECK", 0.3)
+    monkeypatch.setattr(database_threads, "PROBE_TIMEOUT", 0.5)
+    producer, broker = make(), make(poll_interval=60_000)
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    assert next(consumer) is None  # its first look: nothing, and no other for 10 s
+    stopped = wait_for(lambda: broker._listener.backend_pid, timeout=10, message="the LISTEN connection")
+    try:
+        command = Path(f"/proc/{stopped}/cmdline").read_bytes()
+    except OSError:
+        command = b""
+    if not command.startswith(b"postgres"):
+        pytest.skip("PostgreSQL does not run on this machine: its server process cannot be stopped")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        wait_for(
+            lambda: broker._listener.backend_pid not in (None, stopped),
+            timeout=10,
+            message="a new LISTEN connection",
+        )
+        sent = time.monotonic()
+        producer.enqueue(message(queue, 1))
+        proxy = take(consumer, timeout=5)
+        assert time.monotonic() - sent < 2, "woken by the notification, not by the 10-second look"
+        consumer.ack(proxy)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
     consumer.close()
 
 
