@@ -39,7 +39,7 @@ from . import mask_url
 from .base import Broker, Consumer, QueueStats
 from .database_consumer import DatabaseConsumer
 from .database_sql import Statements, is_locked
-from .database_threads import Listener, Maintenance
+from .database_threads import Listener, Maintenance, Watchdog
 
 logger = logging.getLogger("djqueue.broker.database")
 
@@ -82,6 +82,7 @@ class DatabaseBroker(Broker):
         self._consumers: set[DatabaseConsumer] = set()
         self._maintenance: Maintenance | None = None
         self._listener: Listener | None = None
+        self._watchdog: Watchdog | None = None
         super().__init__(middleware, **kwargs)
 
     @property
@@ -160,6 +161,9 @@ class DatabaseBroker(Broker):
             if self.listen and self._listener is None:
                 self._listener = Listener(self)
                 self._listener.start()
+            if self.vendor == "postgresql" and self._watchdog is None:
+                self._watchdog = Watchdog(self)
+                self._watchdog.start()
         return consumer
 
     def consumers(self) -> list[DatabaseConsumer]:
@@ -177,8 +181,8 @@ class DatabaseBroker(Broker):
             self._consumers.discard(consumer)
             if self._consumers:
                 return
-            threads = [self._maintenance, self._listener]
-            self._maintenance = self._listener = None
+            threads = [self._maintenance, self._listener, self._watchdog]
+            self._maintenance = self._listener = self._watchdog = None
         for thread in threads:
             if thread is not None:
                 thread.stop()

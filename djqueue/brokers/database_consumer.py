@@ -10,7 +10,9 @@ PostgreSQL, an ack, a local enqueue) or its next look is due.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -46,6 +48,9 @@ CHANGE_CHECKS = 5
 ACK_FLUSH_INTERVAL = 0.05
 # A consumer with only a few free slots waits this long (s) for more before claiming.
 BATCH_WINDOW = 0.005
+# Seconds a consumer's own PostgreSQL connection may take to connect (unless the alias's
+# OPTIONS say otherwise).
+CONNECT_TIMEOUT = 10
 # A PostgreSQL queue that just ran dry is asked when its next message comes due this
 # long (s) after: not at once, so that the message just claimed starts unhindered.
 DUE_LOOK_DELAY = 0.005
@@ -64,6 +69,8 @@ class Connection:
         self.lock = threading.Lock()
         self.wrapper: Any = None
         self.closed = False
+        # When the call in progress started (None: no call): see cut_if_stuck().
+        self.busy_since: float | None = None
 
     def run(self, work: Callable[[Any], T]) -> T:
         with self.lock:
@@ -81,11 +88,40 @@ class Connection:
                         with self.wrapper.cursor() as cursor:
                             cursor.execute("SET synchronous_commit TO OFF")
                 with self.wrapper.cursor() as cursor:
-                    return work(cursor)
+                    self.busy_since = time.monotonic()
+                    try:
+                        return work(cursor)
+                    finally:
+                        self.busy_since = None
             except DatabaseError as e:
                 if not is_locked(e):
                     self._close()  # it may be broken: reconnect on next use
                 raise
+
+    def cut_if_stuck(self, limit: float) -> bool:
+        """PostgreSQL: shut the socket of a call that has waited over ``limit`` s for the
+        server, so that it fails and the next call reconnects. Called from another
+        thread, without the lock, which the stuck call holds."""
+        since, wrapper = self.busy_since, self.wrapper
+        if since is None or wrapper is None or time.monotonic() - since < limit:
+            return False
+        try:
+            sock = socket.socket(fileno=os.dup(wrapper.connection.fileno()))
+        except Exception:
+            return False  # closed meanwhile
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        finally:
+            sock.close()  # the duplicate only
+        logger.warning(
+            "database broker: a call on db://%s waited over %.0f s for the server; "
+            "reconnecting (the server hangs, or the network path to it is gone)",
+            self.alias,
+            limit,
+        )
+        return True
 
     def data_version(self) -> int | None:
         """SQLite's change counter, read on the DB-API connection itself (an idle
@@ -119,10 +155,14 @@ def _own_connection(alias: str) -> Any:
     ``synchronous_commit = off`` must never reach a connection the project's code uses."""
     settings_dict = connections.settings[alias]
     options = settings_dict.get("OPTIONS") or {}
-    if not options.get("pool"):
+    postgresql = connections[alias].vendor == "postgresql"  # PostGIS too
+    if not options.get("pool") and not (postgresql and "connect_timeout" not in options):
         return connections.create_connection(alias)
-    unpooled = {**settings_dict, "OPTIONS": {k: v for k, v in options.items() if k != "pool"}}
-    return load_backend(unpooled["ENGINE"]).DatabaseWrapper(unpooled, alias)
+    own = {k: v for k, v in options.items() if k != "pool"}
+    if postgresql:
+        # Without it, connecting to a host that is gone waits for TCP to give up (minutes).
+        own.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    return load_backend(settings_dict["ENGINE"]).DatabaseWrapper({**settings_dict, "OPTIONS": own}, alias)
 
 
 class DatabaseConsumer(Consumer):

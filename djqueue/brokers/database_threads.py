@@ -1,6 +1,7 @@
 """The database broker's background threads, one of each per broker while it has
-consumers: ``Maintenance`` renews leases and deletes acked rows, ``Listener`` wakes
-consumers on PostgreSQL notifications."""
+consumers: ``Maintenance`` renews leases and deletes acked rows; on PostgreSQL,
+``Listener`` wakes consumers on notifications and ``Watchdog`` cuts a consumer's call
+that the server does not answer."""
 
 from __future__ import annotations
 
@@ -78,6 +79,30 @@ class Maintenance(threading.Thread):
                     logger.warning("database broker heartbeat failed; trying again", exc_info=True)
             if waiting:
                 self.poke()
+
+
+class Watchdog(threading.Thread):
+    """PostgreSQL: cuts the connection of a consumer whose call (claim, ack, heartbeat)
+    has waited longer than the lease for the server. psycopg waits for ever for a server
+    that hangs or whose host or network path is gone without closing the connection
+    (after a failover, say), and TCP takes about 15 minutes to give up: the consumer, and
+    the heartbeat that shares its connection, would stall that long. By the time a lease
+    has passed, the messages the consumer holds are due to other workers anyway."""
+
+    def __init__(self, broker: DatabaseBroker) -> None:
+        super().__init__(name=f"djqueue-db-watchdog-{broker.alias}", daemon=True)
+        self.broker = broker
+        self.limit = broker.lease / 1000
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+    def run(self) -> None:
+        while not self.stopping.wait(max(self.limit / 4, 0.05)):
+            for consumer in self.broker.consumers():
+                consumer.db.cut_if_stuck(self.limit)
 
 
 class Listener(threading.Thread):
