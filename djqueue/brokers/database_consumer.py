@@ -69,54 +69,65 @@ class Connection:
         self.lock = threading.Lock()
         self.wrapper: Any = None
         self.closed = False
-        # When the call in progress started (None: no call): see cut_if_stuck().
+        # For cut_if_stuck(), from another thread, under cut_lock: when the call in
+        # progress started (None: no call), and a duplicate of the PostgreSQL socket
+        # (shutting it down cuts the connection; a descriptor of our own cannot be reused
+        # by another connection meanwhile).
+        self.cut_lock = threading.Lock()
         self.busy_since: float | None = None
+        self.sock: socket.socket | None = None
 
     def run(self, work: Callable[[Any], T]) -> T:
         with self.lock:
             if self.closed:
                 raise InterfaceError("the consumer is closed")
+            with self.cut_lock:
+                self.busy_since = time.monotonic()
             try:
                 if self.wrapper is None:
-                    self.wrapper = _own_connection(self.alias)
-                    self.wrapper.inc_thread_sharing()
-                    if self.wrapper.vendor == "postgresql":
-                        # Claims, acks and heartbeats need not wait for the WAL to reach
-                        # the disk: if the server crashes and loses the last of them, the
-                        # message is delivered again, as at-least-once allows. Enqueues
-                        # (on the caller's connection) stay durable.
-                        with self.wrapper.cursor() as cursor:
-                            cursor.execute("SET synchronous_commit TO OFF")
+                    self._connect()
                 with self.wrapper.cursor() as cursor:
-                    self.busy_since = time.monotonic()
-                    try:
-                        return work(cursor)
-                    finally:
-                        self.busy_since = None
+                    return work(cursor)
             except DatabaseError as e:
                 if not is_locked(e):
                     self._close()  # it may be broken: reconnect on next use
                 raise
+            finally:
+                with self.cut_lock:
+                    self.busy_since = None
+
+    def _connect(self) -> None:
+        self.wrapper = _own_connection(self.alias)
+        self.wrapper.inc_thread_sharing()
+        if self.wrapper.vendor != "postgresql":
+            return
+        self.wrapper.ensure_connection()
+        try:
+            sock = socket.socket(fileno=os.dup(self.wrapper.connection.fileno()))
+        except OSError:  # out of descriptors, say: this connection goes unwatched
+            sock = None
+        with self.cut_lock:
+            self.sock = sock
+        # Claims, acks and heartbeats need not wait for the WAL to reach the disk: if the
+        # server crashes and loses the last of them, the message is delivered again, as
+        # at-least-once allows. Enqueues (on the caller's connection) stay durable.
+        with self.wrapper.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO OFF")
 
     def cut_if_stuck(self, limit: float) -> bool:
-        """PostgreSQL: shut the socket of a call that has waited over ``limit`` s for the
-        server, so that it fails and the next call reconnects. Called from another
-        thread, without the lock, which the stuck call holds."""
-        since, wrapper = self.busy_since, self.wrapper
-        if since is None or wrapper is None or time.monotonic() - since < limit:
-            return False
-        try:
-            sock = socket.socket(fileno=os.dup(wrapper.connection.fileno()))
-        except Exception:
-            return False  # closed meanwhile
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            return False
-        finally:
-            sock.close()  # the duplicate only
+        """PostgreSQL: shut the connection down under a call that has waited over
+        ``limit`` s for the server, so that it fails and the next call reconnects. Called
+        from another thread, without the lock, which the stuck call holds."""
+        with self.cut_lock:
+            since, sock = self.busy_since, self.sock
+            if since is None or sock is None or time.monotonic() - since < limit:
+                return False
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the waiting call with an error
+            except OSError:
+                return False
         logger.warning(
-            "database broker: a call on db://%s waited over %.0f s for the server; "
+            "database broker: a call on db://%s waited over %.1f s for the server; "
             "reconnecting (the server hangs, or the network path to it is gone)",
             self.alias,
             limit,
@@ -141,6 +152,10 @@ class Connection:
             self._close()
 
     def _close(self) -> None:
+        with self.cut_lock:
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()  # the duplicate only
         wrapper, self.wrapper = self.wrapper, None
         if wrapper is not None:
             try:

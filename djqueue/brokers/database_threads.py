@@ -83,16 +83,18 @@ class Maintenance(threading.Thread):
 
 class Watchdog(threading.Thread):
     """PostgreSQL: cuts the connection of a consumer whose call (claim, ack, heartbeat)
-    has waited longer than the lease for the server. psycopg waits for ever for a server
-    that hangs or whose host or network path is gone without closing the connection
-    (after a failover, say), and TCP takes about 15 minutes to give up: the consumer, and
-    the heartbeat that shares its connection, would stall that long. By the time a lease
-    has passed, the messages the consumer holds are due to other workers anyway."""
+    has waited over a third of the lease for the server. psycopg waits for ever for a
+    server that hangs or whose host or network path is gone without closing the
+    connection (after a failover, say), and TCP takes about 15 minutes to give up: the
+    consumer, and the heartbeat that shares its connection, would stall that long, and
+    the messages it holds would run again elsewhere once their leases ran out."""
 
     def __init__(self, broker: DatabaseBroker) -> None:
         super().__init__(name=f"djqueue-db-watchdog-{broker.alias}", daemon=True)
         self.broker = broker
-        self.limit = broker.lease / 1000
+        # A third of a lease: a stuck claim or ack is cut before the held messages' leases
+        # run out, and the heartbeat waiting behind it renews them on the new connection.
+        self.limit = broker.lease / 3000
         self.stopping = threading.Event()
 
     def stop(self) -> None:
@@ -125,7 +127,7 @@ class Listener(threading.Thread):
             self.interrupter.send(b"x")
         except OSError:
             pass  # the thread has ended and closed it
-        self.join(5)
+        self.join(PROBE_TIMEOUT + 1)  # a probe in progress ends by then
 
     def run(self) -> None:
         try:
@@ -194,4 +196,5 @@ def _probe(conn: Any) -> None:
         raise
     finally:
         timer.cancel()
+        timer.join()  # a cut_off() already running must be done with the socket
         sock.close()  # the duplicate only
