@@ -557,6 +557,36 @@ def test_a_claim_the_server_never_answers_is_cut_within_a_lease(make, queue):
     assert rows("postgres", queue) == 0
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_heartbeat_the_server_never_answers_is_cut_and_the_lease_kept(make, queue):
+    # The consumer holds a message and its server process is stopped: the next call on
+    # its connection is the heartbeat, which must be cut and renewed on a new connection
+    # before the lease (1.5 s) runs out, or another consumer would take the message.
+    producer, broker = make(), make(lease=1500)
+    producer.enqueue(message(queue, 1))
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    held = take(consumer)
+    renewing = consumer.db.wrapper.connection.info.backend_pid
+
+    def serving() -> int | None:
+        wrapper = consumer.db.wrapper
+        connection = wrapper.connection if wrapper is not None else None
+        return None if connection is None or connection.closed else connection.info.backend_pid
+
+    with stopped_backend(renewing):
+        wait_for(lambda: serving() not in (None, renewing), timeout=5, message="a new connection")
+    other = make().consume(queue, prefetch=1, timeout=100)
+    deadline = time.monotonic() + 3  # two leases
+    while time.monotonic() < deadline:
+        taken = next(other)
+        assert taken is None, "the held message's lease ran out: another consumer took it"
+    consumer.ack(held)
+    consumer.close()
+    other.close()
+    assert rows("postgres", queue) == 0
+
+
 @pytest.mark.parametrize("alias", ["default"])
 def test_sqlite_consumer_sees_another_process_message_within_the_poll_interval(make, queue):
     producer, broker = make(), make(poll_interval=50)
