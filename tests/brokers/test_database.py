@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from django.db import OperationalError, connections, transaction
 
 from djqueue import Message, Worker, actor, get_current_message
-from djqueue.brokers import broker_from_url, database_threads
+from djqueue.brokers import broker_from_url, database_consumer, database_threads
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.database import DatabaseBroker
 from djqueue.brokers.database_sql import ISOLATE_AFTER, Statements
@@ -585,6 +586,34 @@ def test_a_heartbeat_the_server_never_answers_is_cut_and_the_lease_kept(make, qu
     consumer.close()
     other.close()
     assert rows("postgres", queue) == 0
+
+
+@pytest.mark.postgres
+def test_a_consumer_gives_up_connecting_to_a_server_that_never_answers(monkeypatch):
+    # A port that accepts connections and never says a word: without a connect timeout
+    # the consumer's first call would wait for ever.
+    monkeypatch.setattr(database_consumer, "CONNECT_TIMEOUT", 1)
+    mute = socket.create_server(("127.0.0.1", 0))
+    # Read when the consumer connects; Django's own connection to the alias is made already.
+    monkeypatch.setitem(connections.settings["postgres"], "PORT", str(mute.getsockname()[1]))
+    connection = database_consumer.Connection("postgres")
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            connection.run(lambda cursor: None)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=call, daemon=True)
+    try:
+        thread.start()
+        thread.join(8)
+        assert errors, "still connecting to a server that never answers"
+        assert isinstance(errors[0], OperationalError)
+    finally:
+        mute.close()
+        connection.close()
 
 
 @pytest.mark.parametrize("alias", ["default"])
