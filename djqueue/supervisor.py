@@ -3,7 +3,8 @@
 Signals: SIGTERM or SIGINT stops gracefully (workers stop fetching, finish or give
 back the messages in hand, and the supervisor exits 0); a second one forces (workers
 are killed; their unacked messages are redelivered by the broker). SIGHUP restarts
-the workers gracefully. A worker process that dies is restarted, with a growing
+the workers gracefully; a SIGTERM or SIGINT while the old ones stop turns the restart
+into a stop. A worker process that dies is restarted, with a growing
 delay if it keeps dying at start-up.
 
 Worker processes are forked from the supervisor, which has Django set up already, so
@@ -288,18 +289,15 @@ class Supervisor:
         while True:
             sentinels = [p.sentinel for p in self._all_processes()]
             wait([*sentinels, self._wake_r], timeout=self._next_wait())
-            try:
-                while self._wake_r.recv(64):
-                    pass
-            except (BlockingIOError, OSError):
-                pass
+            self._drain_wake()
             while self.signals:
                 signum = self.signals.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return self._shutdown()
                 if signum == signal.SIGHUP:
                     logger.info("SIGHUP: restarting worker processes")
-                    self._restart_all()
+                    if not self._restart_all():
+                        return self._shutdown(signalled=True)
             self._reap()
             if snapshot is not None and time.monotonic() - last_scan >= 1.0:
                 last_scan = time.monotonic()
@@ -307,7 +305,39 @@ class Supervisor:
                 if current != snapshot:
                     snapshot = current
                     logger.info("code changed: restarting worker processes")
-                    self._restart_all()
+                    if not self._restart_all():
+                        return self._shutdown(signalled=True)
+
+    def _drain_wake(self) -> None:
+        # Left unread, the wake-up socket would make every later wait() return at once.
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _await_exit(self, deadline: float) -> Literal["exited", "late", "stop"]:
+        """Wait until every process exited or ``deadline``, watching for signals meanwhile:
+        "stop" as soon as a SIGTERM or SIGINT arrives. A SIGHUP then is dropped: the
+        processes are stopping already."""
+        while True:
+            alive = [p for p in self._all_processes() if p.is_alive()]
+            if not alive:
+                return "exited"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "late"
+            wait([*(p.sentinel for p in alive), self._wake_r], timeout=min(remaining, 1.0))
+            self._drain_wake()
+            signals, self.signals = self.signals, []
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in signals):
+                return "stop"
+            if signals:
+                logger.info("SIGHUP ignored: the worker processes are stopping already")
+
+    def _kill_all(self) -> None:
+        self._signal_all(signal.SIGKILL)
+        self._wait_all(5)
 
     def _reap(self) -> None:
         """Notice dead processes and restart them; one that keeps dying soon after its
@@ -363,16 +393,20 @@ class Supervisor:
                 logger.exception("on_worker_exit failed for pid %s", child.process.pid)
         child.process.close()
 
-    def _restart_all(self) -> None:
+    def _restart_all(self) -> bool:
+        """Stop every process gracefully and start new ones; False, with none started,
+        if a SIGTERM or SIGINT came while the old ones were stopping: the caller shuts
+        down then, and the old processes, signalled already, go on stopping."""
         if not self.reloaded and self.can_fork():
             logger.info("worker processes load the code anew from now on (spawned, not forked)")
         # A forked worker would run the code and settings loaded before the change.
         self.reloaded = True
         self._signal_all(signal.SIGTERM)
-        timeout = self.config.shutdown_timeout / 1000 + 5
-        if not self._wait_all(timeout):
-            self._signal_all(signal.SIGKILL)
-            self._wait_all(5)
+        outcome = self._await_exit(time.monotonic() + self.config.shutdown_timeout / 1000 + 5)
+        if outcome == "stop":
+            return False
+        if outcome == "late":
+            self._kill_all()
         for child in self.children.values():
             self._worker_exited(child)
         for process in self.extra_children.values():
@@ -384,23 +418,23 @@ class Supervisor:
             self._start(index)
         for name, target, args in self.extra_processes:
             self._start_extra(name, target, args)
+        return True
 
-    def _shutdown(self) -> int:
+    def _shutdown(self, *, signalled: bool = False) -> int:
+        """Stop every process gracefully and return the exit code. ``signalled``: they
+        were sent SIGTERM already (a restart was under way), and a second one would
+        force them."""
         logger.info("stopping worker processes (a second SIGTERM/SIGINT forces)")
-        self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_timeout / 1000 + 5
-        while time.monotonic() < deadline:
-            if not any(p.is_alive() for p in self._all_processes()):
-                return 0
-            wait([*(p.sentinel for p in self._all_processes() if p.is_alive()), self._wake_r], timeout=0.5)
-            if self.signals and any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
-                logger.warning("forced stop: killing worker processes")
-                self._signal_all(signal.SIGKILL)
-                self._wait_all(5)
-                return 1
-        logger.warning("worker processes did not stop in time; killing them")
-        self._signal_all(signal.SIGKILL)
-        self._wait_all(5)
+        if not signalled:
+            self._signal_all(signal.SIGTERM)
+        outcome = self._await_exit(time.monotonic() + self.config.shutdown_timeout / 1000 + 5)
+        if outcome == "exited":
+            return 0
+        if outcome == "stop":
+            logger.warning("forced stop: killing worker processes")
+        else:
+            logger.warning("worker processes did not stop in time; killing them")
+        self._kill_all()
         return 1
 
 

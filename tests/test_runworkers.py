@@ -123,6 +123,70 @@ def test_sighup_restarts_workers_gracefully(broker, broker_url, queue, record_di
     assert w.stop() == 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (readable until it is reaped)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])  # the supervisor's own
+def test_sigterm_during_a_sighup_restart_stops_instead(broker, broker_url, queue, record_dir, workers):
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "20000"
+    )
+    w.wait_children(1)
+    job = send(broker, slow_record, "restart", 3, queue=queue)
+    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
+    w.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: restarting" in w.output(), message="the restart")
+    # The old worker process is still finishing its job: the restart gives way at once,
+    # not once the old processes have stopped and new ones started.
+    w.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
+    assert job.message_id not in ids_seen(record_dir), "the stop began while the job ran"
+    assert w.process.wait(30) == 0
+    assert job.message_id in ids_seen(record_dir), "the running job finished"
+    assert w.output().count("started (pid") == 1, "no worker process was started after the SIGTERM"
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_a_second_sigterm_during_a_sighup_restart_forces(broker, broker_url, queue, record_dir, workers):
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "60000"
+    )
+    w.wait_children(1)
+    job = send(broker, slow_record, "forced", 30, queue=queue)
+    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
+    w.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: restarting" in w.output(), message="the restart")
+    w.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
+    w.signal(signal.SIGTERM)
+    # Not after the 30 s job: the second SIGTERM kills the worker processes at once.
+    assert w.process.wait(15) == 1
+    assert "forced stop" in w.output()
+    assert job.message_id not in ids_seen(record_dir)
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_a_sighup_during_shutdown_is_ignored_without_spinning(broker, broker_url, queue, record_dir, workers):
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "20000"
+    )
+    w.wait_children(1)
+    job = send(broker, slow_record, "hup", 3, queue=queue)
+    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
+    w.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
+    before = _cpu_seconds(w.pid)
+    w.signal(signal.SIGHUP)
+    wait_for(lambda: job.message_id in ids_seen(record_dir), message="the running job to finish")
+    # The supervisor waits for its worker: seconds of waiting, not of CPU.
+    assert _cpu_seconds(w.pid) - before < 0.5
+    assert w.process.wait(30) == 0
+    assert w.output().count("started (pid") == 1, "the SIGHUP restarted nothing"
+
+
 def test_retries_reach_success_or_dead_letter(broker, broker_url, queue, record_dir, workers):
     ok = send(broker, flaky, "eventually", 2, queue=queue)
     bad = send(broker, always_fail, "never", queue=queue)
