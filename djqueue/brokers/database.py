@@ -138,12 +138,23 @@ class DatabaseBroker(Broker):
         ]
         queues = sorted({row[0] for row in rows})
         statements = self.sql.insert(values, queues)
-        with _reaching(self.alias, "enqueue"):
-            if len(statements) > 1:
-                with transaction.atomic(using=self.alias):
-                    _write(connection, statements)
-            else:
-                _write(connection, statements)
+        for attempt in range(2):
+            try:
+                with _reaching(self.alias, "enqueue"):
+                    if len(statements) > 1:
+                        with transaction.atomic(using=self.alias):
+                            _write(connection, statements)
+                    else:
+                        _write(connection, statements)
+                break
+            except ConnectionError:
+                # The thread's connection broke before or during this call (the server
+                # restarted; a job being retried lost it): _reaching closed it, and one
+                # more try runs on a new one, as a lost Redis send is repeated once. At
+                # least once: if the first try's commit was lost with its reply, the
+                # messages are there twice. Inside atomic() the transaction is gone.
+                if attempt or connection.in_atomic_block:
+                    raise
         if not self.listen:  # wake this process's consumers at once (after commit)
             for queue_name in queues:
                 transaction.on_commit(partial(self.wake, queue_name), using=self.alias)

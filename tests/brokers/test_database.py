@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from django.db import OperationalError, connections, transaction
 
-from djqueue import Message, Worker, actor, get_current_message
+from djqueue import Message, Worker, actor, errors, get_current_message
 from djqueue.brokers import broker_from_url, database_consumer, database_threads
 from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.database import DatabaseBroker
@@ -478,6 +478,66 @@ def test_a_consumer_survives_its_connections_being_cut(make, alias, queue):
     consumer.ack(held)
     assert broker.get_queue_stats(queue)[:3] == (0, 0, 1)
     consumer.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_send_on_a_connection_that_broke_meanwhile_reconnects(make, alias, queue):
+    broker = make()
+    connection = connections[alias]
+    connection.ensure_connection()
+    # As after a server restart: this thread's idle connection is dead, and Django does
+    # not know it yet.
+    terminate(alias, connection.connection.info.backend_pid)
+    broker.enqueue(message(queue, 1))
+    assert rows(alias, queue) == 1
+    with pytest.raises(errors.ConnectionError), transaction.atomic(using=alias):
+        terminate(alias, connection.connection.info.backend_pid)
+        # Inside atomic() the transaction is gone with its connection: no second try
+        # outside it.
+        broker.enqueue(message(queue, 2))
+    connection.close()
+    assert rows(alias, queue) == 1
+
+
+def terminate(alias: str, pid: int) -> None:
+    """End PostgreSQL backend ``pid`` from a connection of another thread."""
+
+    def run() -> None:
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        finally:
+            connections[alias].close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_job_whose_connection_broke_is_retried_not_dead_lettered(make, alias, queue):
+    broker = make()
+    runs: list[int] = []
+
+    @actor(broker=broker, actor_name="loses_its_connection", queue_name=queue, min_backoff=10, max_backoff=10)
+    def loses_its_connection() -> None:
+        runs.append(get_current_message().retries)
+        if len(runs) == 1:
+            # As when the server restarts during the job: the job's connection is cut.
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    loses_its_connection.send()
+    worker = Worker(broker, queues=[queue], worker_threads=1)
+    worker.start()
+    try:
+        wait_for(lambda: len(runs) == 2 and rows(alias, queue) == 0, message="the retry to run")
+    finally:
+        worker.stop(5_000)
+    assert runs == [0, 1]
+    assert broker.get_queue_stats(queue).dead == 0
 
 
 @contextmanager
