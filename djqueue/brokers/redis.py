@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -263,7 +264,8 @@ class RedisBroker(Broker):
 
     def cancel(self, message_id: str, *, queue_name: str | None = None) -> bool:
         queues = [queue_name] if queue_name else []
-        return bool(self.run("cancel", [message_id, *queues], retry=True))
+        # The token tells this call's repetition (its reply was lost) from a later call.
+        return bool(self.run("cancel", [message_id, uuid.uuid4().hex, *queues], retry=True))
 
     def dead_letters(self, queue_name: str, *, limit: int = 100) -> list[bytes]:
         """Payloads of the most recent dead letters the broker still keeps, newest first."""

@@ -6,6 +6,8 @@ Key layout (``P`` is ``"<namespace>:"``, ``Q`` is ``P .. "q:<queue>:"``):
     P heartbeats        zset   consumer id -> last heartbeat (server ms)
     P consumers         hash   consumer id -> queue name
     P c:<consumer id>   zset   that consumer's in-flight tags -> their ready score
+    P cancelled:<id>    string token of the cancel() call that removed it, for a minute:
+                               that call, repeated after its reply was lost, returns True
     Q ready             zset   tag -> score (-priority * 2^42 + sequence): ZPOPMIN is the next message
     Q delayed           zset   tag -> eta (ms)
     Q prio              hash   tag -> priority, for delayed messages whose priority is not 0
@@ -316,9 +318,10 @@ return {ready, delayed, inflight, dead}
 CANCEL = script(
     "qkey forget",
     """
-local mid = ARGV[2]
+local mid, token = ARGV[2], ARGV[3]
+local marker = P .. 'cancelled:' .. mid
 local queues = {}
-for i = 3, #ARGV do queues[#queues + 1] = ARGV[i] end
+for i = 4, #ARGV do queues[#queues + 1] = ARGV[i] end
 if #queues == 0 then queues = redis.call('SMEMBERS', P .. 'queues') end
 for _, queue in ipairs(queues) do
   local Q = qkey(queue)
@@ -326,9 +329,12 @@ for _, queue in ipairs(queues) do
   if tag and (redis.call('ZREM', Q .. 'ready', tag) == 1 or redis.call('ZREM', Q .. 'delayed', tag) == 1) then
     redis.call('HDEL', Q .. 'prio', tag)
     forget(Q, {tag})
+    redis.call('SET', marker, token, 'PX', 60000)
     return 1
   end
 end
+-- The same call repeated after its reply was lost: it did cancel the message.
+if redis.call('GET', marker) == token then return 1 end
 return 0
 """,
 )
