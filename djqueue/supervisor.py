@@ -296,8 +296,8 @@ class Supervisor:
                     return self._shutdown()
                 if signum == signal.SIGHUP:
                     logger.info("SIGHUP: restarting worker processes")
-                    if not self._restart_all():
-                        return self._shutdown(signalled=True)
+                    if (deadline := self._restart_all()) is not None:
+                        return self._shutdown(deadline=deadline)
             self._reap()
             if snapshot is not None and time.monotonic() - last_scan >= 1.0:
                 last_scan = time.monotonic()
@@ -305,8 +305,8 @@ class Supervisor:
                 if current != snapshot:
                     snapshot = current
                     logger.info("code changed: restarting worker processes")
-                    if not self._restart_all():
-                        return self._shutdown(signalled=True)
+                    if (deadline := self._restart_all()) is not None:
+                        return self._shutdown(deadline=deadline)
 
     def _drain_wake(self) -> None:
         # Left unread, the wake-up socket would make every later wait() return at once.
@@ -318,9 +318,17 @@ class Supervisor:
 
     def _await_exit(self, deadline: float) -> Literal["exited", "late", "stop"]:
         """Wait until every process exited or ``deadline``, watching for signals meanwhile:
-        "stop" as soon as a SIGTERM or SIGINT arrives. A SIGHUP then is dropped: the
-        processes are stopping already."""
+        "stop" as soon as a SIGTERM or SIGINT arrives (any signal after it stays queued,
+        so that a second one still forces). A SIGHUP then is dropped: the processes are
+        stopping already."""
         while True:
+            # Before waiting: a signal may have come while the caller ran.
+            signals, self.signals = self.signals, []
+            for i, signum in enumerate(signals):
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.signals[:0] = signals[i + 1 :]
+                    return "stop"
+                logger.info("SIGHUP ignored: the worker processes are stopping already")
             alive = [p for p in self._all_processes() if p.is_alive()]
             if not alive:
                 return "exited"
@@ -329,11 +337,6 @@ class Supervisor:
                 return "late"
             wait([*(p.sentinel for p in alive), self._wake_r], timeout=min(remaining, 1.0))
             self._drain_wake()
-            signals, self.signals = self.signals, []
-            if any(s in (signal.SIGTERM, signal.SIGINT) for s in signals):
-                return "stop"
-            if signals:
-                logger.info("SIGHUP ignored: the worker processes are stopping already")
 
     def _kill_all(self) -> None:
         self._signal_all(signal.SIGKILL)
@@ -393,18 +396,20 @@ class Supervisor:
                 logger.exception("on_worker_exit failed for pid %s", child.process.pid)
         child.process.close()
 
-    def _restart_all(self) -> bool:
-        """Stop every process gracefully and start new ones; False, with none started,
-        if a SIGTERM or SIGINT came while the old ones were stopping: the caller shuts
-        down then, and the old processes, signalled already, go on stopping."""
+    def _restart_all(self) -> float | None:
+        """Stop every process gracefully and start new ones. If a SIGTERM or SIGINT
+        comes while the old ones stop, none is started and this returns the deadline
+        by which the old ones, signalled already, must have stopped: the caller shuts
+        down then."""
         if not self.reloaded and self.can_fork():
             logger.info("worker processes load the code anew from now on (spawned, not forked)")
         # A forked worker would run the code and settings loaded before the change.
         self.reloaded = True
         self._signal_all(signal.SIGTERM)
-        outcome = self._await_exit(time.monotonic() + self.config.shutdown_timeout / 1000 + 5)
+        deadline = time.monotonic() + self.config.shutdown_timeout / 1000 + 5
+        outcome = self._await_exit(deadline)
         if outcome == "stop":
-            return False
+            return deadline
         if outcome == "late":
             self._kill_all()
         for child in self.children.values():
@@ -418,16 +423,17 @@ class Supervisor:
             self._start(index)
         for name, target, args in self.extra_processes:
             self._start_extra(name, target, args)
-        return True
+        return None
 
-    def _shutdown(self, *, signalled: bool = False) -> int:
-        """Stop every process gracefully and return the exit code. ``signalled``: they
-        were sent SIGTERM already (a restart was under way), and a second one would
-        force them."""
+    def _shutdown(self, *, deadline: float | None = None) -> int:
+        """Stop every process gracefully and return the exit code. With ``deadline``,
+        the processes were sent SIGTERM already (a restart was under way; a second one
+        would force them), and that is when they must have stopped."""
         logger.info("stopping worker processes (a second SIGTERM/SIGINT forces)")
-        if not signalled:
+        if deadline is None:
             self._signal_all(signal.SIGTERM)
-        outcome = self._await_exit(time.monotonic() + self.config.shutdown_timeout / 1000 + 5)
+            deadline = time.monotonic() + self.config.shutdown_timeout / 1000 + 5
+        outcome = self._await_exit(deadline)
         if outcome == "exited":
             return 0
         if outcome == "stop":

@@ -135,7 +135,7 @@ def test_sigterm_during_a_sighup_restart_stops_instead(broker, broker_url, queue
         broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "20000"
     )
     w.wait_children(1)
-    job = send(broker, slow_record, "restart", 3, queue=queue)
+    job = send(broker, slow_record, "restart", 8, queue=queue)
     wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
     w.signal(signal.SIGHUP)
     wait_for(lambda: "SIGHUP: restarting" in w.output(), message="the restart")
@@ -160,6 +160,7 @@ def test_a_second_sigterm_during_a_sighup_restart_forces(broker, broker_url, que
     w.signal(signal.SIGHUP)
     wait_for(lambda: "SIGHUP: restarting" in w.output(), message="the restart")
     w.signal(signal.SIGTERM)
+    # Not back to back: two of a kind pending at once are one signal to the process.
     wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
     w.signal(signal.SIGTERM)
     # Not after the 30 s job: the second SIGTERM kills the worker processes at once.
@@ -174,7 +175,7 @@ def test_a_sighup_during_shutdown_is_ignored_without_spinning(broker, broker_url
         broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "20000"
     )
     w.wait_children(1)
-    job = send(broker, slow_record, "hup", 3, queue=queue)
+    job = send(broker, slow_record, "hup", 6, queue=queue)
     wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
     w.signal(signal.SIGTERM)
     wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
