@@ -139,21 +139,30 @@ class DatabaseBroker(Broker):
         queues = sorted({row[0] for row in rows})
         statements = self.sql.insert(values, queues)
         for attempt in range(2):
+            lost = False
             try:
                 with _reaching(self.alias, "enqueue"):
-                    if len(statements) > 1:
-                        with transaction.atomic(using=self.alias):
+                    try:
+                        if len(statements) > 1:
+                            with transaction.atomic(using=self.alias):
+                                _write(connection, statements)
+                        else:
                             _write(connection, statements)
-                    else:
-                        _write(connection, statements)
+                    except (OperationalError, InterfaceError):
+                        # Looked at before _reaching closes it: was it this connection
+                        # that broke, with nothing of the caller's riding on it?
+                        lost = _broken(connection) and connection.autocommit
+                        raise
                 break
             except ConnectionError:
-                # The thread's connection broke before or during this call (the server
-                # restarted; a job being retried lost it): _reaching closed it, and one
-                # more try runs on a new one, as a lost Redis send is repeated once. At
-                # least once: if the first try's commit was lost with its reply, the
-                # messages are there twice. Inside atomic() the transaction is gone.
-                if attempt or connection.in_atomic_block:
+                # The server restarted, or cut this thread's connection (a job being
+                # retried may have lost it): _reaching closed it, and one more try runs
+                # on a new one, as a lost Redis send is repeated once. At least once: if
+                # the first try's commit was lost with its reply, the messages are there
+                # twice. Not retried: an error that left the connection working (a
+                # statement timeout), a connection that could not be opened, and one in
+                # a transaction (atomic() or autocommit off), which is gone with it.
+                if attempt or not lost:
                     raise
         if not self.listen:  # wake this process's consumers at once (after commit)
             for queue_name in queues:
@@ -243,6 +252,13 @@ def _write(connection: Any, statements: list[tuple[str, list[Any]]]) -> None:
             if not is_locked(e) or connection.in_atomic_block or attempt == 2:
                 raise
             time.sleep(random.uniform(0.01, 0.1))
+
+
+def _broken(connection: Any) -> bool:
+    """Whether the open database connection behind ``connection`` was lost (psycopg marks
+    it closed); False when none was open or its driver cannot tell."""
+    raw = connection.connection
+    return raw is not None and bool(getattr(raw, "closed", False))
 
 
 @contextmanager

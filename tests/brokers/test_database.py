@@ -491,28 +491,79 @@ def test_a_send_on_a_connection_that_broke_meanwhile_reconnects(make, alias, que
     terminate(alias, connection.connection.info.backend_pid)
     broker.enqueue(message(queue, 1))
     assert rows(alias, queue) == 1
+    # In a transaction the send is part of it, and the transaction is gone with the
+    # connection: sending on a new connection would store the message on its own.
     with pytest.raises(errors.ConnectionError), transaction.atomic(using=alias):
         terminate(alias, connection.connection.info.backend_pid)
-        # Inside atomic() the transaction is gone with its connection: no second try
-        # outside it.
         broker.enqueue(message(queue, 2))
-    connection.close()
+    transaction.set_autocommit(False, using=alias)
+    try:
+        terminate(alias, connection.connection.info.backend_pid)
+        with pytest.raises(errors.ConnectionError):
+            broker.enqueue(message(queue, 3))
+    finally:
+        connection.close()
+        transaction.set_autocommit(True, using=alias)
     assert rows(alias, queue) == 1
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_send_that_failed_on_a_working_connection_is_not_repeated(make, alias, queue):
+    broker = make()
+    table = QueuedMessage._meta.db_table
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        try:
+            with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+                cursor.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                release.wait(10)
+        finally:
+            connections[alias].close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SET statement_timeout = 300")
+        # Raised after one timeout: not sent again (on a new connection, without the
+        # timeout, it would wait for the lock).
+        with pytest.raises(errors.ConnectionError, match="statement timeout"):
+            broker.enqueue(message(queue, 1))
+    finally:
+        release.set()
+        holder.join(10)
+        connections[alias].close()
+    assert rows(alias, queue) == 0
+
+
 def terminate(alias: str, pid: int) -> None:
-    """End PostgreSQL backend ``pid`` from a connection of another thread."""
+    """End PostgreSQL backend ``pid``, from a connection of another thread, and wait
+    until it is gone."""
 
     def run() -> None:
         try:
             with connections[alias].cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+                assert cursor.fetchone()[0], f"no backend {pid} to end"
+
+                def gone() -> bool:
+                    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+                    return cursor.fetchone()[0] == 0
+
+                wait_for(gone, timeout=10, message=f"backend {pid} to end")
+            done.append(pid)
         finally:
             connections[alias].close()
 
+    done: list[int] = []
     thread = threading.Thread(target=run)
     thread.start()
-    thread.join(10)
+    thread.join(20)
+    assert done == [pid], f"backend {pid} was not ended"
 
 
 @pytest.mark.postgres
