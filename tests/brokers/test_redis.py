@@ -532,9 +532,8 @@ class ReplyCutter:
     next reply instead of passing it on: the command ran, and its reply was lost."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.db = parts.path
+        self.parts = urlsplit(url)
+        self.target = (self.parts.hostname or "127.0.0.1", self.parts.port or 6379)
         self.armed = threading.Event()
         self.cuts = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -542,7 +541,10 @@ class ReplyCutter:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.listener.getsockname()[1]}{self.db}"
+        """The Redis URL (credentials, database) with the proxy's address."""
+        credentials = self.parts.netloc.rpartition("@")[0]
+        address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        return self.parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
 
     def _accept(self) -> None:
         while True:
@@ -550,7 +552,11 @@ class ReplyCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
