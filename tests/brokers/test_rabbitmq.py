@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,6 +33,9 @@ from djqueue.brokers.rabbitmq_publisher import MAX_REFUSALS, Pending
 from djqueue.errors import ConfigurationError, ConnectionError, DecodeError
 from djqueue.message import Message, current_millis
 from tests.process import ROOT, wait_for
+from tests.relay import Relay
+
+RABBITMQ_PORT = 5672  # the relays' target: the plain port on 127.0.0.1
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -786,73 +787,9 @@ def test_worker_survives_a_lost_consumer_connection_without_losing_messages(make
     assert broker.get_queue_stats(queue) == (0, 0, 0, 0)
 
 
-class Relay:
-    """A TCP relay in front of RabbitMQ (optionally terminating TLS) that a test can cut,
-    or tell to hold back what RabbitMQ sends (its confirms)."""
-
-    def __init__(self, context: ssl.SSLContext | None = None) -> None:
-        self.context = context
-        self.hold = threading.Event()
-        self.connections: list[socket.socket] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
-        # One thread per connection, so that a TLS socket is never used by two threads.
-        with client, socket.create_connection(("127.0.0.1", 5672)) as upstream:
-            try:
-                down = self.context.wrap_socket(client, server_side=True) if self.context else client
-            except OSError:
-                return
-            self.connections.append(down)
-            with down:
-                self._pump(down, upstream)
-
-    def _pump(self, down: socket.socket, upstream: socket.socket) -> None:
-        held = b""
-        try:
-            while True:
-                pending = isinstance(down, ssl.SSLSocket) and down.pending()
-                ready = [down] if pending else select.select([down, upstream], [], [], 0.05)[0]
-                for source in ready:
-                    data = source.recv(65536)
-                    if not data:
-                        return
-                    if source is down:
-                        upstream.sendall(data)
-                    else:
-                        held += data
-                if held and not self.hold.is_set():
-                    down.sendall(held)
-                    held = b""
-        except OSError:
-            return
-
-    def cut(self) -> None:
-        for connection in self.connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.connections.clear()
-
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
-
-
 @pytest.fixture
 def relay():
-    relay = Relay()
+    relay = Relay(RABBITMQ_PORT)
     yield relay
     relay.close()
 
@@ -866,7 +803,7 @@ def tls_url(tmp_path):
     subprocess.run(command.split(), check=True, capture_output=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    relay = Relay(context)
+    relay = Relay(RABBITMQ_PORT, context)
     options = quote(repr({"ca_certs": str(cert), "server_hostname": "localhost"}))
     yield f"amqps://guest:guest@localhost:{relay.port}/%2F?ssl_options={options}"
     relay.close()

@@ -27,6 +27,7 @@ from djqueue.brokers.redis import RedisBroker
 from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.message import current_millis
 from tests.process import wait_for
+from tests.relay import Relay
 
 redis = pytest.importorskip("redis")
 
@@ -527,76 +528,27 @@ def test_cancel_purge_and_stats(make_broker, queue, raw, namespace):
     assert leftover(raw, namespace, queue) == {}
 
 
-class ReplyCutter:
-    """A TCP proxy in front of Redis that, once armed, closes the connection carrying the
-    next reply instead of passing it on: the command ran, and its reply was lost."""
-
-    def __init__(self, url: str) -> None:
-        self.parts = urlsplit(url)
-        self.target = (self.parts.hostname or "127.0.0.1", self.parts.port or 6379)
-        self.armed = threading.Event()
-        self.cuts = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        """The Redis URL (credentials, database) with the proxy's address."""
-        credentials = self.parts.netloc.rpartition("@")[0]
-        address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        return self.parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if replies and self.armed.is_set():
-                    self.armed.clear()
-                    self.cuts += 1
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_a_cancel_whose_reply_was_lost_still_returns_true(make_broker, queue):
-    cutter = ReplyCutter(REDIS_URL)
+    parts = urlsplit(REDIS_URL)
+    relay = Relay(parts.port or 6379)
+    credentials = parts.netloc.rpartition("@")[0]
+    address = f"127.0.0.1:{relay.port}"
     try:
-        broker = make_broker(cutter.url)
+        broker = make_broker(
+            parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
+        )
         sent = broker.enqueue(make_message(queue, 1))
         kept = broker.enqueue(make_message(queue, 2))
         # Connected, with the script loaded: the next reply is the cancel's own.
         assert broker.cancel(str(uuid.uuid4())) is False
-        cutter.armed.set()
+        relay.drop_reply.set()
         assert broker.cancel(sent.message_id) is True, "repeated after the lost reply, it did cancel"
-        assert cutter.cuts == 1
+        assert relay.dropped == 1
         assert broker.cancel(sent.message_id) is False, "a later call finds nothing to cancel"
         assert broker.cancel(kept.message_id) is True
         assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
     finally:
-        cutter.close()
+        relay.close()
 
 
 def test_from_url_does_not_connect_and_urls_are_checked():
