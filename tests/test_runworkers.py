@@ -129,20 +129,31 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _running_one_job(broker, broker_url, queue, workers, seconds: float, shutdown_timeout: int):
+    """A one-process, one-thread runworkers running a ``seconds``-long job: (workers, message)."""
+    w = workers(
+        broker_url, "--processes", "1", "--threads", "1", "--queues", queue,
+        "--shutdown-timeout", str(shutdown_timeout),
+    )  # fmt: skip
+    w.wait_children(1)
+    job = send(broker, slow_record, "slow", seconds, queue=queue)
+    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
+    return w, job
+
+
+def _signal_and_see(w, signum: int, line: str) -> None:
+    """Send ``signum`` to the supervisor and wait until it logs ``line``."""
+    w.signal(signum)
+    wait_for(lambda: line in w.output(), message=repr(line))
+
+
 @pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])  # the supervisor's own
 def test_sigterm_during_a_sighup_restart_stops_instead(broker, broker_url, queue, record_dir, workers):
-    w = workers(
-        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "20000"
-    )
-    w.wait_children(1)
-    job = send(broker, slow_record, "restart", 8, queue=queue)
-    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
-    w.signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP: restarting" in w.output(), message="the restart")
+    w, job = _running_one_job(broker, broker_url, queue, workers, seconds=8, shutdown_timeout=20_000)
+    _signal_and_see(w, signal.SIGHUP, "SIGHUP: restarting")
     # The old worker process is still finishing its job: the restart gives way at once,
     # not once the old processes have stopped and new ones started.
-    w.signal(signal.SIGTERM)
-    wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
+    _signal_and_see(w, signal.SIGTERM, "stopping worker processes")
     assert job.message_id not in ids_seen(record_dir), "the stop began while the job ran"
     assert w.process.wait(30) == 0
     assert job.message_id in ids_seen(record_dir), "the running job finished"
@@ -151,17 +162,10 @@ def test_sigterm_during_a_sighup_restart_stops_instead(broker, broker_url, queue
 
 @pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
 def test_a_second_sigterm_during_a_sighup_restart_forces(broker, broker_url, queue, record_dir, workers):
-    w = workers(
-        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "60000"
-    )
-    w.wait_children(1)
-    job = send(broker, slow_record, "forced", 30, queue=queue)
-    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
-    w.signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP: restarting" in w.output(), message="the restart")
-    w.signal(signal.SIGTERM)
+    w, job = _running_one_job(broker, broker_url, queue, workers, seconds=30, shutdown_timeout=60_000)
+    _signal_and_see(w, signal.SIGHUP, "SIGHUP: restarting")
     # Not back to back: two of a kind pending at once are one signal to the process.
-    wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
+    _signal_and_see(w, signal.SIGTERM, "stopping worker processes")
     w.signal(signal.SIGTERM)
     # Not after the 30 s job: the second SIGTERM kills the worker processes at once.
     assert w.process.wait(15) == 1
@@ -171,14 +175,8 @@ def test_a_second_sigterm_during_a_sighup_restart_forces(broker, broker_url, que
 
 @pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
 def test_a_sighup_during_shutdown_is_ignored_without_spinning(broker, broker_url, queue, record_dir, workers):
-    w = workers(
-        broker_url, "--processes", "1", "--threads", "1", "--queues", queue, "--shutdown-timeout", "20000"
-    )
-    w.wait_children(1)
-    job = send(broker, slow_record, "hup", 6, queue=queue)
-    wait_for(lambda: broker.get_queue_stats(queue).in_flight == 1, message="job started")
-    w.signal(signal.SIGTERM)
-    wait_for(lambda: "stopping worker processes" in w.output(), message="the stop")
+    w, job = _running_one_job(broker, broker_url, queue, workers, seconds=6, shutdown_timeout=20_000)
+    _signal_and_see(w, signal.SIGTERM, "stopping worker processes")
     before = _cpu_seconds(w.pid)
     w.signal(signal.SIGHUP)
     wait_for(lambda: job.message_id in ids_seen(record_dir), message="the running job to finish")
