@@ -25,10 +25,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
@@ -44,6 +44,8 @@ from .database_threads import Listener, Maintenance, Watchdog
 logger = logging.getLogger("djqueue.broker.database")
 
 VENDORS = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
+
+T = TypeVar("T")
 
 
 class DatabaseBroker(Broker):
@@ -131,39 +133,25 @@ class DatabaseBroker(Broker):
         # NOTIFY that PostgreSQL delivers at commit, are rolled back with it.
         if not rows:
             return
-        connection = connections[self.alias]
         now = current_millis()
         values = [
             (q, mid, pri, now if eta is None else int(eta), data, now) for q, mid, pri, eta, data in rows
         ]
         queues = sorted({row[0] for row in rows})
         statements = self.sql.insert(values, queues)
-        for attempt in range(2):
-            lost = False
-            try:
-                with _reaching(self.alias, "enqueue"):
-                    try:
-                        if len(statements) > 1:
-                            with transaction.atomic(using=self.alias):
-                                _write(connection, statements)
-                        else:
-                            _write(connection, statements)
-                    except (OperationalError, InterfaceError):
-                        # Looked at before _reaching closes it: was it this connection
-                        # that broke, with nothing of the caller's riding on it?
-                        lost = _broken(connection) and connection.autocommit
-                        raise
-                break
-            except ConnectionError:
-                # The server restarted, or cut this thread's connection (a job being
-                # retried may have lost it): _reaching closed it, and one more try runs
-                # on a new one, as a lost Redis send is repeated once. At least once: if
-                # the first try's commit was lost with its reply, the messages are there
-                # twice. Not retried: an error that left the connection working (a
-                # statement timeout), a connection that could not be opened, and one in
-                # a transaction (atomic() or autocommit off), which is gone with it.
-                if attempt or not lost:
-                    raise
+
+        def write(connection: Any) -> None:
+            if len(statements) > 1:
+                # All or nothing: a batch repeated on a new connection (below) is
+                # never stored in part.
+                with transaction.atomic(using=self.alias):
+                    _write(connection, statements)
+            else:
+                _write(connection, statements)
+
+        # At least once: if the first try's commit was lost with its reply, the
+        # messages are there twice.
+        _once_more_if_lost(self.alias, "enqueue", write)
         if not self.listen:  # wake this process's consumers at once (after commit)
             for queue_name in queues:
                 transaction.on_commit(partial(self.wake, queue_name), using=self.alias)
@@ -225,21 +213,26 @@ class DatabaseBroker(Broker):
         return QueueStats(ready, delayed, in_flight, dead)
 
     def purge(self, queue_name: str) -> None:
-        with _reaching(self.alias, "purge"), connections[self.alias].cursor() as cursor:
-            cursor.execute(self.sql.purge, [queue_name, current_millis()])
+        self._change("purge", self.sql.purge, [queue_name, current_millis()])
 
     def cancel(self, message_id: str, *, queue_name: str | None = None) -> bool:
-        sql, params = self.sql.cancel(message_id, queue_name, current_millis())
-        with _reaching(self.alias, "cancel"), connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.rowcount > 0
+        # True is certain. False after a repeat is not quite: if the first try's commit
+        # was lost with its reply, that try removed the message and the repeat finds
+        # nothing (docs/database-broker.md, "Connections"); a table of cancelled ids,
+        # like Redis's markers, would be the price of telling.
+        return self._change("cancel", *self.sql.cancel(message_id, queue_name, current_millis())) > 0
+
+    def _change(self, what: str, sql: str, params: list[Any]) -> int:
+        """Run one statement on the thread's connection, as a send does; the rows it changed."""
+        return _once_more_if_lost(self.alias, what, lambda connection: _write(connection, [(sql, params)]))
 
     def close(self) -> None:
         for consumer in self.consumers():
             consumer.close()
 
 
-def _write(connection: Any, statements: list[tuple[str, list[Any]]]) -> None:
+def _write(connection: Any, statements: list[tuple[str, list[Any]]]) -> int:
+    """Run ``statements`` on ``connection``; the number of rows the last one changed."""
     # SQLite says "database is locked" once its busy timeout is spent; outside a
     # transaction the statement can simply be tried again.
     for attempt in range(3):
@@ -247,17 +240,53 @@ def _write(connection: Any, statements: list[tuple[str, list[Any]]]) -> None:
             with connection.cursor() as cursor:
                 for sql, params in statements:
                     cursor.execute(sql, params)
-            return
+                return int(cursor.rowcount)
         except DatabaseError as e:
             if not is_locked(e) or connection.in_atomic_block or attempt == 2:
                 raise
             time.sleep(random.uniform(0.01, 0.1))
+    raise AssertionError("unreachable")
 
 
-def _broken(connection: Any) -> bool:
-    """Whether the open database connection behind ``connection`` was lost (psycopg marks
-    it closed); False when none was open or its driver cannot tell."""
-    raw = connection.connection
+def _once_more_if_lost(alias: str, what: str, work: Callable[[Any], T]) -> T:
+    """Return ``work(connection)`` on the thread's connection to ``alias``; if that
+    connection was lost meanwhile and held no transaction of the caller's, close it and
+    run ``work`` once more on a new one. Any other failure raises ConnectionError."""
+    connection = connections[alias]
+    for attempt in range(2):
+        lost = False
+        try:
+            with _reaching(alias, what):
+                # The work's first cursor would replace a connection that fails
+                # CONN_HEALTH_CHECKS: done first, so that `raw` is the one it uses.
+                connection.close_if_health_check_failed()
+                # Asked before the work: inside the broker's own atomic() a caller's
+                # transaction cannot be told from it.
+                free = not connection.in_atomic_block and connection.get_autocommit()
+                raw = connection.connection
+                try:
+                    return work(connection)
+                except (OperationalError, InterfaceError):
+                    # This try's driver connection, not Django's current one: when the
+                    # rollback of a failed atomic() fails, Django closes the connection
+                    # and already opens the next one.
+                    lost = free and _closed(raw)
+                    raise
+        except ConnectionError:
+            # The server restarted, or cut this thread's connection (a job being
+            # retried may have lost it): _reaching closed it, and one more try runs on a
+            # new one, as a lost Redis send is repeated once. Not repeated: an error that
+            # left the connection working (a statement timeout would wait twice), a
+            # connection that could not be opened, and work in a transaction of the
+            # caller's (atomic() or autocommit off), which is gone with the connection.
+            if attempt or not lost:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _closed(raw: Any) -> bool:
+    """Whether the driver connection ``raw`` was lost or closed (psycopg marks it);
+    False for None, or a driver that cannot tell."""
     return raw is not None and bool(getattr(raw, "closed", False))
 
 

@@ -32,6 +32,7 @@ from djqueue.errors import ConfigurationError
 from djqueue.message import current_millis
 from djqueue.models import DeadLetter, QueuedMessage
 from tests.process import ROOT, wait_for
+from tests.relay import Relay
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
 
@@ -509,15 +510,84 @@ def test_a_send_on_a_connection_that_broke_meanwhile_reconnects(make, alias, que
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("alias", ["postgres"])
-def test_a_send_that_failed_on_a_working_connection_is_not_repeated(make, alias, queue):
+def test_a_batch_on_a_connection_that_broke_meanwhile_is_sent_again_whole(make, alias, queue):
+    # More rows than one statement takes: the broker writes them in a transaction of its
+    # own, whose failed rollback makes Django close the lost connection and open another
+    # before the broker sees the error.
     broker = make()
-    table = QueuedMessage._meta.db_table
+    connection = connections[alias]
+    connection.ensure_connection()
+    statements: list[str] = []
+    batch = [message(queue, n) for n in range(broker.sql.max_params // 6 + 1)]  # 6 parameters a row
+    terminate(alias, connection.connection.info.backend_pid)
+    with connection.execute_wrapper(
+        lambda execute, sql, *args: statements.append(sql) or execute(sql, *args)
+    ):
+        broker.enqueue_many(batch)
+    # The first, lost with its connection, then the batch's two again on a new one.
+    assert sum("INSERT" in sql for sql in statements) == 3
+    stored = QueuedMessage.objects.using(alias).filter(queue_name=queue).values_list("message_id", flat=True)
+    assert sorted(stored) == sorted(m.message_id for m in batch)
+    # In the caller's transaction the batch is part of it, and is gone with it.
+    with pytest.raises(errors.ConnectionError), transaction.atomic(using=alias):
+        terminate(alias, connection.connection.info.backend_pid)
+        broker.enqueue_many([message(queue, n) for n in range(len(batch))])
+    assert rows(alias, queue) == len(batch)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_cancel_and_purge_on_a_connection_that_broke_meanwhile_reconnect(make, alias, queue):
+    broker = make()
+    first, second, third = (broker.enqueue(message(queue, n)) for n in range(3))
+    queued = QueuedMessage.objects.using(alias).filter(queue_name=queue).values_list("message_id", flat=True)
+    connection = connections[alias]
+    terminate(alias, connection.connection.info.backend_pid)
+    assert broker.cancel(first.message_id) is True
+    # In a transaction, as for a send: the cancel would have been part of it.
+    with pytest.raises(errors.ConnectionError), transaction.atomic(using=alias):
+        terminate(alias, connection.connection.info.backend_pid)
+        broker.cancel(second.message_id)
+    assert sorted(queued.all()) == sorted([second.message_id, third.message_id])
+    terminate(alias, connection.connection.info.backend_pid)
+    broker.purge(queue)
+    assert rows(alias, queue) == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_cancel_whose_reply_was_lost_is_repeated_and_cannot_tell_it_removed_the_message(
+    make, alias, queue, monkeypatch
+):
+    # The DELETE commits and its reply is lost with the connection: the repeat finds
+    # nothing. The message is gone all the same, and the answer is the documented False.
+    broker = make()
+    sent = broker.enqueue(message(queue, 1))
+    connection = connections[alias]
+    relay = Relay(int(connection.settings_dict.get("PORT") or 5432))
+    connection.close()
+    with monkeypatch.context() as patch:
+        patch.setitem(connection.settings_dict, "PORT", str(relay.port))
+        try:
+            connection.ensure_connection()  # the handshake's replies must not be the lost one
+            relay.drop_reply.set()
+            assert broker.cancel(sent.message_id) is False
+            assert relay.dropped == 1
+        finally:
+            connection.close()
+            relay.close()
+    assert rows(alias, queue) == 0
+
+
+@contextmanager
+def locked_table(alias: str) -> Iterator[None]:
+    """Hold an exclusive lock on the queue table, from a connection of another thread."""
     locked, release = threading.Event(), threading.Event()
 
     def hold_lock() -> None:
         try:
             with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
-                cursor.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                cursor.execute(f"LOCK TABLE {QueuedMessage._meta.db_table} IN ACCESS EXCLUSIVE MODE")
                 locked.set()
                 release.wait(10)
         finally:
@@ -527,16 +597,63 @@ def test_a_send_that_failed_on_a_working_connection_is_not_repeated(make, alias,
     holder.start()
     try:
         assert locked.wait(10)
-        with connections[alias].cursor() as cursor:
-            cursor.execute("SET statement_timeout = 300")
-        # Raised after one timeout: not sent again (on a new connection, without the
-        # timeout, it would wait for the lock).
-        with pytest.raises(errors.ConnectionError, match="statement timeout"):
-            broker.enqueue(message(queue, 1))
+        yield
     finally:
         release.set()
         holder.join(10)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_send_that_failed_on_a_working_connection_is_not_repeated(make, alias, queue):
+    broker = make()
+    try:
+        with locked_table(alias):
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SET statement_timeout = 300")
+            # Raised after one timeout: not sent again (on a new connection, without the
+            # timeout, it would wait for the lock).
+            with pytest.raises(errors.ConnectionError, match="statement timeout"):
+                broker.enqueue(message(queue, 1))
+    finally:
         connections[alias].close()
+    assert rows(alias, queue) == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_send_that_failed_after_a_health_check_replaced_its_connection_is_not_repeated(
+    make, alias, queue, monkeypatch
+):
+    # With CONN_HEALTH_CHECKS, the first cursor after a request's start replaces a lost
+    # connection by itself. The send then fails on the new, working one: that error must
+    # not pass for a lost connection because the one before was.
+    broker = make()
+    connection = connections[alias]
+    options = {**connection.settings_dict["OPTIONS"], "options": "-c statement_timeout=300"}
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+    monkeypatch.setitem(connection.settings_dict, "CONN_HEALTH_CHECKS", True)
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
+    inserts: list[str] = []
+
+    def count(execute: Callable[..., Any], sql: str, *args: Any) -> Any:
+        inserts.extend([sql] if "INSERT" in sql else [])
+        return execute(sql, *args)
+
+    try:
+        connection.close()
+        connection.ensure_connection()
+        connection.close_if_unusable_or_obsolete()  # as at a request's start
+        terminate(alias, connection.connection.info.backend_pid)
+        with (
+            locked_table(alias),
+            connection.execute_wrapper(count),
+            pytest.raises(errors.ConnectionError, match="statement timeout"),
+        ):
+            broker.enqueue(message(queue, 1))
+    finally:
+        connection.close()
+    assert len(inserts) == 1
     assert rows(alias, queue) == 0
 
 
