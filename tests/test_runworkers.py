@@ -58,6 +58,10 @@ def ids_seen(record_dir) -> set[str]:
     return {message_id for message_id, _, _ in read_records(record_dir)}
 
 
+def pids_that_ran(record_dir, message) -> set[int]:
+    return {pid for message_id, pid, _ in read_records(record_dir) if message_id == message.message_id}
+
+
 def test_1000_messages_across_2_processes_x_4_threads(broker, broker_url, queue, record_dir, workers):
     w = workers(broker_url, "--processes", "2", "--threads", "4", "--queues", queue)
     # Both processes consuming before the burst, so the work is shared between them.
@@ -147,6 +151,17 @@ def _signal_and_see(w, signum: int, line: str) -> None:
     wait_for(lambda: line in w.output(), message=repr(line))
 
 
+def _sighup_ignored_while_the_job_runs(w, job, record_dir) -> None:
+    """Send SIGHUP while the supervisor waits for its worker process to finish ``job``: it
+    is ignored, and the supervisor goes on waiting without spinning until the job is done."""
+    before = _cpu_seconds(w.pid)
+    _signal_and_see(w, signal.SIGHUP, "SIGHUP ignored")
+    assert job.message_id not in ids_seen(record_dir), "the SIGHUP came while the job ran"
+    wait_for(lambda: job.message_id in ids_seen(record_dir), message="the running job to finish")
+    # Seconds of waiting, not of CPU: the wake-up socket was drained.
+    assert _cpu_seconds(w.pid) - before < 0.5
+
+
 @pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])  # the supervisor's own
 def test_sigterm_during_a_sighup_restart_stops_instead(broker, broker_url, queue, record_dir, workers):
     w, job = _running_one_job(broker, broker_url, queue, workers, seconds=8, shutdown_timeout=20_000)
@@ -177,13 +192,30 @@ def test_a_second_sigterm_during_a_sighup_restart_forces(broker, broker_url, que
 def test_a_sighup_during_shutdown_is_ignored_without_spinning(broker, broker_url, queue, record_dir, workers):
     w, job = _running_one_job(broker, broker_url, queue, workers, seconds=6, shutdown_timeout=20_000)
     _signal_and_see(w, signal.SIGTERM, "stopping worker processes")
-    before = _cpu_seconds(w.pid)
-    w.signal(signal.SIGHUP)
-    wait_for(lambda: job.message_id in ids_seen(record_dir), message="the running job to finish")
-    # The supervisor waits for its worker: seconds of waiting, not of CPU.
-    assert _cpu_seconds(w.pid) - before < 0.5
+    _sighup_ignored_while_the_job_runs(w, job, record_dir)
     assert w.process.wait(30) == 0
     assert w.output().count("started (pid") == 1, "the SIGHUP restarted nothing"
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_a_sighup_during_a_sighup_restart_is_ignored_without_spinning(
+    broker, broker_url, queue, record_dir, workers
+):
+    w, job = _running_one_job(broker, broker_url, queue, workers, seconds=8, shutdown_timeout=20_000)
+    [old] = w.wait_children(1)
+    _signal_and_see(w, signal.SIGHUP, "SIGHUP: restarting")
+    _sighup_ignored_while_the_job_runs(w, job, record_dir)
+    # The restart goes on: the old worker process finished the job, then one new one started.
+    wait_for(lambda: old not in w.children(), message="the old worker process to exit")
+    [new] = w.wait_children(1)
+    assert pids_that_ran(record_dir, job) == {old}
+    after = send(broker, record, "after the restart", queue=queue)
+    wait_for(lambda: after.message_id in ids_seen(record_dir), message="work after the restart")
+    assert pids_that_ran(record_dir, after) == {new}
+    assert w.stop() == 0
+    output = w.output()
+    assert output.count("SIGHUP: restarting") == 1, "the second SIGHUP started no second restart"
+    assert output.count("started (pid") == 2, "one worker process before the restart, one after"
 
 
 def test_retries_reach_success_or_dead_letter(broker, broker_url, queue, record_dir, workers):
