@@ -62,17 +62,46 @@ class WorkerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def configure_logging(log_file: str | None, level: str) -> None:
+def configure_logging(log_file: str | None, level: str = "INFO") -> None:
+    """Send the ``djqueue`` loggers' records to stderr (or ``log_file``) at ``level``,
+    unless the project's logging already handles them.
+
+    A project whose ``LOGGING`` (or its own set-up) gives a handler to ``djqueue``, or to
+    a logger above it up to the root, keeps its configuration: its handlers, levels and
+    formats; only ``level="DEBUG"`` (``-v 3``) still lowers the level. ``log_file``
+    (``--log-file``) is an explicit request and always wins.
+    """
+    logger = logging.getLogger("djqueue")
+    if log_file is None and _handled_by_project(logger):
+        if level == "DEBUG":
+            logger.setLevel(logging.DEBUG)
+        return
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(
         logging.Formatter(
             "[%(asctime)s] [PID %(process)d] [%(threadName)s] %(levelname)s %(name)s: %(message)s"
         )
     )
-    root = logging.getLogger("djqueue")
-    root.handlers = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    setattr(handler, _OWN_HANDLER, True)
+    logger.handlers = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+# Marks the handler configure_logging installs, so that a second call (a spawned worker,
+# the scheduler) replaces it rather than taking it for the project's.
+_OWN_HANDLER = "djqueue_default_handler"
+
+
+def _handled_by_project(logger: logging.Logger) -> bool:
+    node: logging.Logger | None = logger
+    while node is not None:
+        if any(not getattr(handler, _OWN_HANDLER, False) for handler in node.handlers):
+            return True
+        if not node.propagate:
+            return False
+        node = node.parent
+    return False
 
 
 def worker_process_main(config: WorkerConfig, index: int) -> None:

@@ -81,9 +81,13 @@ DJQUEUE = {
     },
 }
 
+# runworkers and runscheduler log through this configuration (docs/workers.md, "Logging").
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"djqueue": {"handlers": ["console"], "level": env("DJQUEUE_LOG_LEVEL", default="WARNING")}},
+    "formatters": {
+        "worker": {"format": "[%(asctime)s] [PID %(process)d] %(levelname)s %(name)s: %(message)s"}
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "worker"}},
+    "loggers": {"djqueue": {"handlers": ["console"], "level": env("DJQUEUE_LOG_LEVEL", default="INFO")}},
 }

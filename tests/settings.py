@@ -95,3 +95,13 @@ LOGGING = {
         "djqueue": {"handlers": ["console"], "level": os.environ.get("DJQUEUE_LOG_LEVEL", "WARNING")}
     },
 }
+# The tests of runworkers' own logging: a project that leaves djqueue's logger alone, and
+# one that sends its records to a file of its own.
+if os.environ.get("DJQUEUE_TEST_LOGGING") == "none":
+    LOGGING["loggers"] = {}
+elif os.environ.get("DJQUEUE_TEST_LOGGING"):
+    LOGGING["handlers"]["file"] = {
+        "class": "logging.FileHandler",
+        "filename": os.environ["DJQUEUE_TEST_LOGGING"],
+    }
+    LOGGING["loggers"]["djqueue"]["handlers"] = ["file"]

@@ -261,6 +261,31 @@ def test_pid_file_log_file_and_banner(broker_url, queue, tmp_path, workers):
     assert f"queues {queue}" in banner and "1 processes x 1 threads" in banner
 
 
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_without_the_projects_logging_of_djqueue_runworkers_logs_info_to_stderr(broker_url, queue, workers):
+    w = workers(broker_url, "--processes", "1", "--queues", queue, env={"DJQUEUE_TEST_LOGGING": "none"})
+    wait_for(lambda: "INFO djqueue.worker: worker process 0 started" in w.output(), message="the start line")
+    assert w.stop() == 0
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_runworkers_keeps_the_projects_logging_of_djqueue(broker, broker_url, queue, tmp_path, workers):
+    # LOGGING sends djqueue's records to the project's file at WARNING: a team's Sentry or
+    # JSON pipeline must get the worker's errors, and no INFO line it did not ask for.
+    project_log = tmp_path / "project.log"
+    env = {"DJQUEUE_TEST_LOGGING": str(project_log), "DJQUEUE_LOG_LEVEL": "WARNING"}
+    bad = send(broker, always_fail, "never", queue=queue)
+    w = workers(broker_url, "--processes", "1", "--queues", queue, env=env)
+    wait_for(lambda: DeadLetter.objects.filter(message_id=bad.message_id).exists(), message="dead letter")
+    wait_for(
+        lambda: project_log.exists() and f"dead-lettering {bad.message_id}" in project_log.read_text(),
+        message="the dead-lettering line in the project's log",
+    )
+    assert w.stop() == 0
+    assert "dead-lettering" not in w.output()
+    assert "worker process 0 started" not in project_log.read_text() + w.output()
+
+
 def test_watch_restarts_workers_when_code_changes(broker_url, queue, tmp_path, record_dir, workers, broker):
     code = tmp_path / "code"
     code.mkdir()
