@@ -1,8 +1,12 @@
 """The DJQUEUE setting: defaults, and building the broker it describes.
 
-``settings.DJQUEUE`` is optional; every key has a default. Without ``BROKER_URL`` the
-``DJQUEUE_BROKER_URL`` environment variable is read, and without that the Django
-database is the broker (``db://default``). Times are in milliseconds.
+``settings.DJQUEUE`` is optional and, when given, a dict; every key has a default.
+Without ``BROKER_URL`` the ``DJQUEUE_BROKER_URL`` environment variable is read (from
+``os.environ``: it is not a Django setting), and without that the Django database is the
+broker (``db://default``). Times are in milliseconds.
+
+Nothing else is read: a ``DJQUEUE`` that is not a dict, and settings named ``DJQUEUE_*``,
+are ignored here and reported by the system checks (djqueue.E006, djqueue.W004).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ if TYPE_CHECKING:
     from .brokers.base import Broker
 
 DEFAULT_BROKER_URL = "db://default"
+# The one DJQUEUE_* environment variable djqueue reads.
+BROKER_URL_ENV = "DJQUEUE_BROKER_URL"
 
 DEFAULTS: dict[str, Any] = {
     "BROKER_URL": None,
@@ -37,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def user_settings() -> dict[str, Any]:
+    """``settings.DJQUEUE``, or ``{}`` if it is missing or not a dict."""
     value = getattr(settings, "DJQUEUE", None)
     return value if isinstance(value, dict) else {}
 
@@ -45,7 +52,7 @@ def get(name: str) -> Any:
     """One DJQUEUE setting, or its default."""
     value = user_settings().get(name, DEFAULTS[name])
     if name == "BROKER_URL" and not value:
-        value = os.environ.get("DJQUEUE_BROKER_URL") or DEFAULT_BROKER_URL
+        value = os.environ.get(BROKER_URL_ENV) or DEFAULT_BROKER_URL
     return value
 
 
