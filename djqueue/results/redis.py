@@ -9,15 +9,24 @@ Keys, under a namespace (default ``djqueue``; ``?namespace=NAME`` in the URL):
 
 A waiter blocks in BLMOVE on the notify list, moving the element onto the same list
 so that it stays for every other waiter; nothing polls.
+
+Other query parameters of the URL go to redis-py (``socket_timeout``,
+``socket_connect_timeout``, ... in seconds). A BLMOVE must answer within the socket
+timeout, so a long wait is made of several, each shorter than it. Errors from Redis
+reach callers as djqueue errors: ``djqueue.errors.ConnectionError`` when Redis cannot
+be reached or does not answer in time.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ..brokers import mask_url
+from ..errors import ConnectionError, DjqueueError
 from .base import SUCCEEDED, ResultBackend, StoredResult
 
 try:
@@ -28,6 +37,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 DEFAULT_NAMESPACE = "djqueue"
+# Seconds. Set explicitly because redis-py changed them (None before 8.0, 5 since): a
+# dead Redis must fail every call, including a wait, within a few seconds whatever
+# the installed version.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+DEFAULT_SOCKET_CONNECT_TIMEOUT = 5.0
 
 
 def split_namespace(url: str) -> tuple[str, str | None]:
@@ -37,6 +51,21 @@ def split_namespace(url: str) -> tuple[str, str | None]:
     namespace = next((value for key, value in query if key == "namespace"), None)
     rest = [(key, value) for key, value in query if key != "namespace"]
     return urlunsplit(parts._replace(query=urlencode(rest))), namespace
+
+
+def block_limit(client: Any) -> float | None:
+    """The longest single blocking wait, in seconds, that ``client``'s socket timeout
+    allows; None if reads never time out."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    # A client given without a socket_timeout has redis-py's default, which is None or
+    # 5 s depending on the version: assuming 5 costs a round trip now and then, while
+    # assuming None would let every wait over 5 s fail.
+    socket_timeout = kwargs.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
+    if socket_timeout is None:
+        return None
+    # Leave time for the reply to travel and for Redis, which ends blocked commands on
+    # its clock tick (up to 100 ms late at the default hz).
+    return max(socket_timeout - 1, socket_timeout / 2)
 
 
 class RedisResultBackend(ResultBackend):
@@ -50,14 +79,37 @@ class RedisResultBackend(ResultBackend):
     ) -> None:
         super().__init__(ttl=ttl)
         url, url_namespace = split_namespace(url)
+        self.url = url
         self.namespace = namespace or url_namespace or DEFAULT_NAMESPACE
-        self.client = client if client is not None else redis.Redis.from_url(url)
+        if client is None:
+            # Parameters in the URL override these defaults.
+            client = redis.Redis.from_url(
+                url,
+                socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+                socket_connect_timeout=DEFAULT_SOCKET_CONNECT_TIMEOUT,
+            )
+        self.client = client
+        self.max_block = block_limit(client)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        # Callers catch djqueue errors only; a redis-py exception would escape them.
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as e:
+            raise ConnectionError(
+                f"cannot reach the Redis results backend at {mask_url(self.url)}: {e}; check "
+                "DJQUEUE['RESULT_BACKEND'] and that Redis is running"
+            ) from e
+        except redis.RedisError as e:
+            raise DjqueueError(f"Redis results backend error at {mask_url(self.url)}: {e}") from e
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.namespace}:{kind}:{name}"
 
     def _get(self, message_id: str) -> StoredResult | None:
-        data = self.client.get(self._key("result", message_id))
+        with self._errors():
+            data = self.client.get(self._key("result", message_id))
         return None if data is None else StoredResult.from_json(data)
 
     def _store(self, message: Any, stored: StoredResult, ttl: int) -> None:
@@ -75,7 +127,8 @@ class RedisResultBackend(ResultBackend):
             group = self._key("group", group_id)
             pipe.sadd(group, message_id)
             pipe.pexpire(group, ttl)
-        pipe.execute()
+        with self._errors():
+            pipe.execute()
 
     def _wait(self, message_id: str, timeout: int) -> StoredResult | None:
         notify = self._key("result-notify", message_id)
@@ -84,24 +137,30 @@ class RedisResultBackend(ResultBackend):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self._get(message_id)
+            block = remaining if self.max_block is None else min(remaining, self.max_block)
             # The element is moved onto the same list, so it stays there for other waiters.
             # Redis takes the timeout in seconds; 0 would mean forever.
-            if self.client.blmove(notify, notify, max(remaining, 0.01), "LEFT", "RIGHT") is not None:
+            with self._errors():
+                moved = self.client.blmove(notify, notify, max(block, 0.01), "LEFT", "RIGHT")
+            if moved is not None:
                 stored = self._get(message_id)
                 if stored is not None:
                     return stored
 
     def count_group_completed(self, group_id: str) -> int:
-        return int(self.client.scard(self._key("group", group_id)))
+        with self._errors():
+            return int(self.client.scard(self._key("group", group_id)))
 
     def run_once(self, key: str, ttl: int, fn: Callable[[], Any]) -> bool:
         claim = self._key("once", key)
-        if not self.client.set(claim, 1, nx=True, px=ttl):
-            return False
+        with self._errors():
+            if not self.client.set(claim, 1, nx=True, px=ttl):
+                return False
         try:
             fn()
         except BaseException:
-            self.client.delete(claim)
+            with self._errors():
+                self.client.delete(claim)
             raise
         return True
 
@@ -110,4 +169,5 @@ class RedisResultBackend(ResultBackend):
         return 0
 
     def close(self) -> None:
-        self.client.close()
+        with self._errors():
+            self.client.close()
