@@ -6,7 +6,7 @@ def test_checkout_sends_a_receipt(client):
     with stub_broker() as broker:
         client.post("/checkout/", {...})
         assert broker.get_queue_stats("default").ready == 1
-        drain(broker)              # run every queued job here, in threads
+        drain(broker)              # run every queued job (and its retries) here, in threads
 """
 
 from __future__ import annotations
@@ -56,10 +56,23 @@ def running_worker(
         worker.stop(timeout=10_000)
 
 
-def drain(broker: Broker | None = None, *, timeout: int = 30_000, threads: int = 2) -> None:
+def drain(
+    broker: Broker | None = None, *, timeout: int = 30_000, threads: int = 2, run_delayed: bool = True
+) -> None:
     """Run queued jobs (and the retries they cause) until every queue is empty.
 
-    ``timeout`` is in ms; raises TimeoutError if the queues are not empty by then.
+    On the stub broker, delayed messages (``delay=``, ``eta=``) and retries run at once
+    rather than after their real delay or backoff, unless ``run_delayed=False``; other
+    brokers always wait for them. ``timeout`` is in ms; raises TimeoutError if the queues
+    are not empty by then.
     """
-    with running_worker(broker, threads=threads) as worker:
-        worker.join(timeout=timeout)
+    broker = broker or get_broker()
+    stub = broker if isinstance(broker, StubBroker) and run_delayed else None
+    if stub is not None:
+        stub.run_delayed = True
+    try:
+        with running_worker(broker, threads=threads) as worker:
+            worker.join(timeout=timeout)
+    finally:
+        if stub is not None:
+            stub.run_delayed = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -31,7 +32,13 @@ class StubBroker(Broker):
         self._lock = threading.Condition()
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
+        # While True, a delayed message (delay=, eta=, a retry's backoff) is due at once:
+        # drain() sets it, so that a test need not wait out real backoffs.
+        self.run_delayed = False
         super().__init__(middleware, **kwargs)
+
+    def _now(self) -> int | float:
+        return math.inf if self.run_delayed else current_millis()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> StubBroker:
@@ -63,7 +70,7 @@ class StubBroker(Broker):
         self.declare_queue(queue_name)
         return _StubConsumer(self, queue_name, prefetch, timeout)
 
-    def _pop_due(self, queue: _Queue, now: int) -> tuple[int, str, bytes, int] | None:
+    def _pop_due(self, queue: _Queue, now: int | float) -> tuple[int, str, bytes, int] | None:
         # Due messages in priority order; the heap is ordered by priority then eta, so a
         # delayed high-priority message must not hide a due lower-priority one.
         due = [item for item in queue.heap if item[1] <= now]
@@ -78,7 +85,7 @@ class StubBroker(Broker):
         self.declare_queue(queue_name)
         with self._lock:
             queue = self._queues[queue_name]
-            now = current_millis()
+            now = self._now()
             delayed = sum(1 for item in queue.heap if item[1] > now)
             return QueueStats(len(queue.heap) - delayed, delayed, len(queue.in_flight), len(queue.dead))
 
@@ -123,7 +130,7 @@ class _StubConsumer(Consumer):
             queue = broker._queues[self.queue_name]
             while True:
                 if len(self.outstanding) < self.prefetch:
-                    item = broker._pop_due(queue, current_millis())
+                    item = broker._pop_due(queue, broker._now())
                     if item is not None:
                         seq, message_id, data, count = item
                         queue.in_flight[seq] = (seq, message_id, data, count)

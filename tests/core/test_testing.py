@@ -1,6 +1,8 @@
 import pytest
 
+from djqueue import actor
 from djqueue.brokers import get_broker
+from djqueue.models import DeadLetter
 from djqueue.testing import drain, stub_broker
 from tests.testapp.tasks import record
 
@@ -18,3 +20,26 @@ def test_stub_broker_moves_actors_and_drain_runs_them(record_dir):
         assert broker.get_queue_stats("default") == (0, 0, 0, 0)
     assert get_broker() is original and record.broker is original
     assert [(m, v) for m, _, v in read_records(record_dir)] == [(message.message_id, "hello")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drain_runs_delayed_jobs_and_retries_at_once_on_the_stub_broker(record_dir):
+    from tests.process import read_records
+
+    with stub_broker() as broker:
+        # The default backoffs (15 s, then 30 s) and an hour's delay: a test must not wait.
+        @actor(broker=broker, actor_name="drain_fails_twice", max_retries=2)
+        def fails() -> None:
+            raise ValueError("no")
+
+        failing = fails.send()
+        later = record.send_with_options(args=("later",), delay=3_600_000)
+        drain(broker, timeout=10_000)
+        assert broker.get_queue_stats("default") == (0, 0, 0, 1)
+        assert DeadLetter.objects.get(message_id=failing.message_id).retries == 2
+        assert [(m, v) for m, _, v in read_records(record_dir)] == [(later.message_id, "later")]
+        # Time runs again as usual once drain() returns.
+        record.send_with_options(args=("much later",), delay=3_600_000)
+        assert broker.get_queue_stats("default").delayed == 1
+        with pytest.raises(TimeoutError):
+            drain(broker, timeout=300, run_delayed=False)
