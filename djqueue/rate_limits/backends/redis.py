@@ -134,7 +134,9 @@ class RedisBackend(RateLimitBackend):
     def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except redis.ConnectionError as e:
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # A TimeoutError (a hung server) is no ConnectionError in redis-py, but is one
+            # to djqueue: callers handle only djqueue's errors.
             raise DjqueueConnectionError(
                 f"cannot reach the rate-limit Redis at {mask_url(self.url)}: {e}; "
                 "check DJQUEUE['RATE_LIMIT_BACKEND'] (or the broker URL) and that Redis is running"
