@@ -14,12 +14,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from .brokers.base import Broker, Consumer, MessageProxy
-from .errors import MessageTooLarge, SkipMessage
+from .brokers.reconnecting import Reconnecting
+from .errors import ConnectionError, MessageTooLarge, SkipMessage
 from .interrupts import call_actor
 
 logger = logging.getLogger("djqueue.worker")
 
 _STOP = object()
+
+# What becomes of messages whose settling failed (see _safe).
+_MAY_COME_AGAIN = "it may be delivered again"
+_GIVEN_BACK_LATER = (
+    "the broker delivers them again once this consumer is closed, or its heartbeat, lease or connection ends"
+)
+_CLOSED_LATER = "the broker delivers what it held again once its heartbeat, lease or connection ends"
 
 
 class Worker:
@@ -188,7 +196,7 @@ class Worker:
                 broker.emit_before("nack", proxy)
             except Exception:
                 logger.exception("before_nack failed for %s", proxy.message_id)
-            _safe(consumer.nack, proxy)
+            _safe(consumer.nack, proxy, "dead-letter", _MAY_COME_AGAIN)
             broker.emit_after("nack", proxy)
         else:
             hooks = broker._hooks
@@ -197,7 +205,7 @@ class Worker:
                     hook(broker, proxy)
             except Exception:
                 logger.exception("before_ack failed for %s", proxy.message_id)
-            _safe(consumer.ack, proxy)
+            _safe(consumer.ack, proxy, "ack", _MAY_COME_AGAIN)
             _emit_after(broker, hooks["after_ack"], proxy)
 
 
@@ -210,12 +218,26 @@ def _emit_after(broker: Broker, hooks: list[Any], proxy: MessageProxy, **kwargs:
             logger.exception("middleware hook %s failed", getattr(hook, "__qualname__", hook))
 
 
-def _safe(fn: Any, arg: Any) -> None:
-    # A lost connection while acking is not fatal: the broker redelivers the message.
+def _safe(fn: Any, arg: Any, what: str, consequence: str, subject: str = "", *, quiet: bool = False) -> None:
+    """``fn(arg)``, logging a failure as "could not <what> <subject>: <error>; <consequence>"
+    rather than raising it: a broker that cannot be reached while messages are settled must
+    not stop the worker. ``subject`` defaults to "message <id>" of the proxy ``arg``. A lost
+    connection is one WARNING line (DEBUG if ``quiet``), its traceback only at DEBUG; any
+    other error is logged with its traceback."""
     try:
         fn(arg)
-    except Exception:
-        logger.exception("%s failed; the broker will redeliver", getattr(fn, "__qualname__", fn))
+    except Exception as e:
+        subject = subject or f"message {arg.message_id}"
+        if not isinstance(e, ConnectionError):
+            logger.exception("could not %s %s; %s", what, subject, consequence)
+            return
+        level = logging.DEBUG if quiet else logging.WARNING
+        debug = logger.isEnabledFor(logging.DEBUG)
+        logger.log(level, "could not %s %s: %s; %s", what, subject, e, consequence, exc_info=debug)
+
+
+def _close_consumer(consumer: Consumer) -> None:
+    consumer.close()
 
 
 class _ConsumerThread(threading.Thread):
@@ -248,13 +270,19 @@ class _ConsumerThread(threading.Thread):
                 self.retired.discard(consumer)
                 self.unsettled.pop(consumer, None)
         if done:
-            _safe(lambda _: consumer.close(), None)
+            self._close(consumer)
 
     def give_back(self, consumer: Consumer, proxies: list[MessageProxy]) -> None:
         try:
-            _safe(consumer.requeue, proxies)
+            subject = f"{len(proxies)} message(s) of {self.queue_name!r}"
+            _safe(consumer.requeue, proxies, "give back", _GIVEN_BACK_LATER, subject)
         finally:
             self.settled(consumer, len(proxies))
+
+    def _close(self, consumer: Consumer, *, quiet: bool = False) -> None:
+        # Closing gives back what the consumer still holds; if it cannot, the broker does.
+        subject = f"of {self.queue_name!r}"
+        _safe(_close_consumer, consumer, "close the consumer", _CLOSED_LATER, subject, quiet=quiet)
 
     def _retire(self, consumer: Consumer) -> None:
         with self.lock:
@@ -264,10 +292,12 @@ class _ConsumerThread(threading.Thread):
             else:
                 self.unsettled.pop(consumer, None)
         if not busy:
-            _safe(lambda _: consumer.close(), None)
+            # Quiet: a close that fails as the fetch did adds nothing to the line run() logs.
+            self._close(consumer, quiet=True)
 
     def run(self) -> None:
-        backoff = 0.1
+        # One WARNING line per failed attempt, with backoff, as on every broker.
+        reconnecting = Reconnecting(self.worker.broker, self.queue_name, logger)
         put = self.worker.work_queue.put
         while not self.stop_fetching.is_set():
             consumer = self.consumer
@@ -275,18 +305,17 @@ class _ConsumerThread(threading.Thread):
                 if consumer is None:
                     consumer = self.consumer = self._connect()
                 proxy = next(consumer)
-            except Exception:
-                if consumer is None:
-                    logger.exception("could not reconnect the consumer of %r", self.queue_name)
-                else:
-                    logger.exception("consumer of %r failed; reconnecting in %.1fs", self.queue_name, backoff)
+            except Exception as e:
+                delay = reconnecting.failed(e, expected=isinstance(e, ConnectionError))
+                if consumer is not None:
+                    # A failed fetch may have taken messages it never got: closed, not
+                    # reused, once the messages it handed out are settled.
                     self.consumer = None
                     self._retire(consumer)
-                if self.stop_fetching.wait(backoff):
+                if self.stop_fetching.wait(delay):
                     break
-                backoff = min(backoff * 2, 30.0)
                 continue
-            backoff = 0.1
+            reconnecting.succeeded()
             if proxy is not None:
                 with self.lock:
                     self.unsettled[consumer] = self.unsettled.get(consumer, 0) + 1
@@ -298,7 +327,7 @@ class _ConsumerThread(threading.Thread):
             consumers = [*self.retired, *([self.consumer] if self.consumer is not None else [])]
             self.retired.clear()
         for consumer in consumers:
-            _safe(lambda c: c.close(), consumer)
+            self._close(consumer)
 
 
 class _WorkerThread(threading.Thread):

@@ -16,11 +16,13 @@ All times are in milliseconds.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import ConfigurationError, DecodeError, MessageTooLarge
@@ -67,6 +69,39 @@ def validate_queue_name(queue_name: str) -> str:
             "starting with a letter or '_'"
         )
     return queue_name
+
+
+def refuse_unknown_options(
+    name: str,
+    init: Callable[..., Any],
+    options: Iterable[str],
+    *,
+    also: Iterable[str] = (),
+    also_described: str = "",
+    from_url: Iterable[str] = (),
+) -> None:
+    """Raise ConfigurationError if ``options`` (a broker's DJQUEUE["BROKER_OPTIONS"]) has a
+    name the ``name`` broker does not take, listing those it does: the keyword-only
+    parameters of its ``init`` but ``middleware`` and those its URL gives (``from_url``),
+    ``max_message_size``, and ``also`` (named in the message as ``also_described``, e.g.
+    "an argument of redis.Redis")."""
+    parameters = inspect.signature(init).parameters.values()
+    not_options = {"middleware", *from_url}
+    known = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in not_options]
+    known.append("max_message_size")  # Broker's own
+    extra = sorted(also)
+    unknown = sorted(set(options) - set(known) - set(extra))
+    if not unknown:
+        return
+    named = []
+    for option in unknown:
+        close = difflib.get_close_matches(option, known + extra, n=1)
+        named.append(f"{option} (did you mean {close[0]}?)" if close else option)
+    if also_described:
+        valid = f"{', '.join(known)} or {also_described}"
+    else:
+        valid = f"{', '.join(known[:-1])} or {known[-1]}"
+    raise ConfigurationError(f"unknown {name} broker option(s) {', '.join(named)}: use {valid}")
 
 
 class QueueStats(NamedTuple):

@@ -36,7 +36,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from ..errors import ConfigurationError, ConnectionError
 from ..message import Message, current_millis
 from . import mask_url
-from .base import Broker, Consumer, QueueStats
+from .base import Broker, Consumer, QueueStats, refuse_unknown_options
 from .database_consumer import DatabaseConsumer
 from .database_sql import Statements, is_locked
 from .database_threads import Listener, Maintenance, Watchdog
@@ -70,6 +70,7 @@ class DatabaseBroker(Broker):
         listen: bool = True,
         **kwargs: Any,
     ) -> None:
+        refuse_unknown_options("database", DatabaseBroker.__init__, kwargs, from_url=["alias"])
         _check_alias(alias)
         for name, value in (("lease", lease), ("poll_interval", poll_interval)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

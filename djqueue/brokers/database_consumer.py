@@ -28,6 +28,7 @@ from ..errors import BrokerError, DecodeError
 from ..message import Message, current_millis
 from .base import Consumer, MessageProxy
 from .database_sql import ISOLATE_AFTER, Claimed, data_version, is_locked
+from .reconnecting import Reconnecting
 
 if TYPE_CHECKING:
     from .database import DatabaseBroker
@@ -202,7 +203,8 @@ class DatabaseConsumer(Consumer):
         self.wake_at = 0.0
         self.partial_at: float | None = None
         self.closed = False
-        self.failures = 0
+        # An unreachable database: log lines and backoff of every broker, up to 5 s.
+        self.reconnecting = Reconnecting(broker, queue_name, logger, limit=5.0)
         # SQLite, while drained: when to read the change counter next, and its value
         # before the last look (None: unknown, look in full).
         self.check_every: float | None = None
@@ -298,7 +300,7 @@ class DatabaseConsumer(Consumer):
                 self.version = None
             self._failed(e)
             return
-        self.failures = 0
+        self.reconnecting.succeeded()
         proxies = [self._proxy(row_id, bytes(payload), n) for row_id, payload, n in rows]
         with self.cond:
             self.version = version
@@ -354,16 +356,7 @@ class DatabaseConsumer(Consumer):
         # The database is unreachable. Raising would make the worker close this
         # consumer and give back the messages its threads are running, so wait
         # and try again; the held messages' leases last as long as the outage allows.
-        self.failures += 1
-        delay = min(0.1 * 2**self.failures, 5.0)
-        logger.warning(
-            "database broker: cannot claim from %r on db://%s (%s); trying again in %.1f s",
-            self.queue_name,
-            self.broker.alias,
-            error,
-            delay,
-        )
-        self._retry_in(delay)
+        self._retry_in(self.reconnecting.failed(error))
 
     def _retry_in(self, seconds: float) -> None:
         with self.cond:

@@ -52,7 +52,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from ..errors import BrokerError, ConfigurationError, ConnectionError
 from ..message import Message, current_millis
 from . import mask_url
-from .base import Broker, Consumer, QueueStats
+from .base import Broker, Consumer, QueueStats, refuse_unknown_options
 from .rabbitmq_consumer import RabbitmqConsumer, close_quietly, redelivered_queue
 from .rabbitmq_publisher import RECOVERABLE, Pending, Publisher, publish_frames
 
@@ -150,6 +150,7 @@ class RabbitmqBroker(Broker):
         confirm_timeout: int = 10_000,
         **kwargs: Any,
     ) -> None:
+        refuse_unknown_options("RabbitMQ", RabbitmqBroker.__init__, kwargs, from_url=["url"])
         self.urls = split_urls(url, urls) or [DEFAULT_URL]
         for one in self.urls:
             self.check_url(one)
@@ -475,8 +476,9 @@ class RabbitmqBroker(Broker):
         try:
             self.ensure_queue(queue_name)
         except ConnectionError as e:
-            # The consumer connects when RabbitMQ is back, and declares the queue then.
-            logger.warning("could not declare %r yet: %s", queue_name, e)
+            # The consumer connects when RabbitMQ is back, and declares the queue then;
+            # it logs each attempt that fails, this one included.
+            logger.debug("could not declare %r yet: %s", queue_name, e)
         consumer = RabbitmqConsumer(self, queue_name, prefetch, timeout)
         with self._consumers_lock:
             self._consumers.add(consumer)

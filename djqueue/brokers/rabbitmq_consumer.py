@@ -27,6 +27,7 @@ from ..errors import BrokerError, ConnectionError, DecodeError
 from ..message import Message, current_millis
 from .base import Consumer, MessageProxy
 from .rabbitmq_publisher import RECOVERABLE, AmqpClient, Broken, Pending
+from .reconnecting import Reconnecting
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -130,11 +131,13 @@ class RabbitmqConsumer(AmqpClient, Consumer):
         self.consuming = queue_name  # the queue of the basic.consume awaiting its ok
         self.last_read = self.last_write = 0.0
         self.retry_at = 0.0
-        self.backoff = 0.1
+        # Reconnects in place (a new connection, the same consumer), with the log lines
+        # and backoff of every broker (0.1 s doubling up to 10 s).
+        self.reconnecting = Reconnecting(broker, queue_name, logger)
         try:
             self._start()
         except (ConnectionError, BrokerError) as e:
-            logger.warning("the consumer of %r will connect later: %s", queue_name, e)
+            self._failed(e)
 
     def holding(self) -> int:
         """Messages delivered to this consumer and not settled yet."""
@@ -155,8 +158,12 @@ class RabbitmqConsumer(AmqpClient, Consumer):
             self._close_socket()
             if isinstance(e, Broken) and e.code == 404:
                 self.broker._redeclare(self.queue_name)
-            raise ConnectionError(f"cannot consume {self.queue_name!r}: {e}") from None
-        self.backoff = 0.1
+            raise ConnectionError(str(e) or repr(e)) from None
+        self.reconnecting.succeeded()
+
+    def _failed(self, error: BrokerError) -> None:
+        delay = self.reconnecting.failed(error, expected=isinstance(error, ConnectionError))
+        self.retry_at = time.monotonic() + delay
 
     def _opened(self, sock: Any) -> None:
         self.rx = bytearray()
@@ -190,14 +197,14 @@ class RabbitmqConsumer(AmqpClient, Consumer):
                 time.sleep(pause)
             if time.monotonic() < self.retry_at:
                 return False
+        failures = self.reconnecting.failures
         try:
-            self._start()
+            self._start()  # which logs the recovery after failed attempts
         except (ConnectionError, BrokerError) as e:
-            logger.warning("cannot consume %r yet, retrying in %.1fs: %s", self.queue_name, self.backoff, e)
-            self.retry_at = time.monotonic() + self.backoff
-            self.backoff = min(self.backoff * 2, 10.0)
+            self._failed(e)
             return time.monotonic() < deadline
-        logger.info("consuming %r again", self.queue_name)
+        if not failures:
+            logger.info("consuming %r again", self.queue_name)  # after a lost connection
         return True
 
     def _lost(self, error: BaseException) -> None:

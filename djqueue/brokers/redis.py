@@ -23,7 +23,7 @@ from ..errors import BrokerError, ConfigurationError, ConnectionError
 from ..message import Message
 from . import mask_url
 from . import redis_scripts as lua
-from .base import Broker, Consumer, QueueStats
+from .base import Broker, Consumer, QueueStats, refuse_unknown_options
 from .redis_consumer import Heartbeat, RedisConsumer
 from .redis_runner import ScriptRunner, pack_four
 
@@ -102,12 +102,14 @@ class RedisBroker(Broker):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        unknown = set(options) - set(inspect.signature(redis.Redis.__init__).parameters) - {"self"}
-        if unknown:
-            raise ConfigurationError(
-                f"unknown Redis broker option(s) {', '.join(sorted(unknown))}: use namespace, "
-                "heartbeat_timeout, dead_letter_ttl, max_message_size or an argument of redis.Redis"
-            )
+        client_options = set(inspect.signature(redis.Redis.__init__).parameters) - {"self"}
+        refuse_unknown_options(
+            "Redis",
+            RedisBroker.__init__,
+            options,
+            also=client_options,
+            also_described="an argument of redis.Redis",
+        )
         options.setdefault("socket_connect_timeout", 5)
         options.setdefault("socket_timeout", 30)
         # No silent retries: a fetch whose reply was lost must surface, so the consumer
@@ -281,6 +283,13 @@ class RedisBroker(Broker):
         for consumer in leftover:
             try:
                 consumer.close()
+            except ConnectionError as e:
+                logger.warning(
+                    "could not give back the messages of a consumer of %r (%s); they are delivered "
+                    "again once its heartbeat times out",
+                    consumer.queue_name,
+                    e,
+                )
             except Exception:
                 logger.exception("could not give back the messages of a consumer of %r", consumer.queue_name)
         heartbeat, self._heartbeat = self._heartbeat, None

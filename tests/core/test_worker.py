@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import logging
+import re
+import socket
 import threading
 import time
+import uuid
 
 import pytest
 
 from djqueue import Retry, TimeLimitExceeded, actor
 from djqueue.middleware.retries import compute_backoff
 from djqueue.models import DeadLetter
+from tests.process import wait_for
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -290,3 +296,125 @@ def test_a_message_option_max_deliveries_wins_over_the_actors(stub_broker, stub_
     stub_worker.join(timeout=10_000)
     row = DeadLetter.objects.get(message_id=message.message_id)
     assert "more than max_deliveries=1" in row.exception_message
+
+
+# -- a broker that cannot be reached --------------------------------------------------------
+
+
+def dead_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unreachable_broker(kind: str, port: int):
+    if kind == "redis":
+        from djqueue.brokers.redis import RedisBroker
+
+        return RedisBroker(f"redis://:s3cretpw@127.0.0.1:{port}/5", namespace=f"djqt{uuid.uuid4().hex[:8]}")
+    from djqueue.brokers.rabbitmq import RabbitmqBroker
+
+    return RabbitmqBroker(url=f"amqp://guest:s3cretpw@127.0.0.1:{port}/%2F")
+
+
+UNREACHABLE = [
+    pytest.param("redis", "redis://:***@127.0.0.1:{port}/5", id="redis", marks=pytest.mark.redis),
+    pytest.param(
+        "rabbitmq", "amqp://guest:***@127.0.0.1:{port}/%2F", id="rabbitmq", marks=pytest.mark.rabbitmq
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "masked"), UNREACHABLE)
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["info", "debug"])
+def test_a_broker_that_cannot_be_reached_gives_one_warning_per_attempt(caplog, kind, masked, level):
+    # The same lines on every broker, whether the worker's consumer thread reconnects
+    # (Redis) or the consumer reconnects in place (RabbitMQ): one WARNING per attempt with
+    # the broker's masked URL and the growing delay; a traceback only at DEBUG.
+    from djqueue import Worker
+
+    port = dead_port()
+    broker = unreachable_broker(kind, port)
+    queue = f"down_{uuid.uuid4().hex[:8]}"
+    caplog.set_level(level, logger="djqueue")
+    attempt = re.compile(
+        rf"cannot consume '{queue}' from (\S+).*, trying again in ([\d.]+) s \(attempt (\d+)\): "
+    )
+
+    def attempts() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if attempt.match(r.getMessage())]
+
+    worker = Worker(broker, queues=[queue], worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(lambda: len(attempts()) >= 4, timeout=10, message="four failed attempts")
+    finally:
+        worker.stop(timeout=5_000)
+        broker.close()
+    records = attempts()
+    matches = [attempt.match(r.getMessage()) for r in records]
+    assert [m[3] for m in matches] == [str(n) for n in range(1, len(records) + 1)]
+    assert [float(m[2]) for m in matches][:4] == [0.1, 0.2, 0.4, 0.8], "a doubling backoff"
+    assert {m[1] for m in matches} == {masked.format(port=port)}
+    assert {r.levelno for r in records} == {logging.WARNING}
+    assert all(bool(r.exc_info) == (level == logging.DEBUG) for r in records)
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "s3cretpw" not in everything
+    assert "<locals>" not in everything and "<lambda>" not in everything
+    assert "will redeliver" not in everything
+    worse = [r for r in caplog.records if r.levelno > logging.WARNING and r.name.startswith("djqueue")]
+    assert not worse, [r.getMessage() for r in worse]
+    if kind == "redis" and level == logging.DEBUG:
+        # The consumer whose fetch failed is closed, which fails too: said at DEBUG only.
+        closes = [
+            r
+            for r in caplog.records
+            if r.getMessage().startswith(f"could not close the consumer of '{queue}'")
+        ]
+        assert closes and {r.levelno for r in closes} == {logging.DEBUG}
+        assert "the broker delivers what it held again once its heartbeat" in closes[0].getMessage()
+
+
+@pytest.mark.redis
+def test_an_ack_or_nack_that_cannot_reach_the_broker_says_which_failed(caplog, tmp_path):
+    # A redis-server of the test's own, killed once two messages are fetched: the worker's
+    # ack of one and dead-lettering of the other fail as they would in an outage.
+    from djqueue import Worker
+    from djqueue.brokers.redis import RedisBroker
+
+    server = RedisServer(tmp_path)
+    server.start()
+    broker = RedisBroker(server.url())
+    queue = f"down_{uuid.uuid4().hex[:8]}"
+
+    @actor(broker=broker, actor_name=f"noop_{queue}", queue_name=queue)
+    def noop() -> None:
+        pass
+
+    try:
+        sent = [noop.send(), noop.send()]
+        consumer = broker.consume(queue, prefetch=2, timeout=1000)
+        done, failed = next(consumer), next(consumer)
+        assert {done.message_id, failed.message_id} == {m.message_id for m in sent}
+        server.kill()
+        caplog.set_level(logging.INFO, logger="djqueue")
+        worker = Worker(broker, queues=[queue])  # not started: settle() is all we need
+        worker.settle(consumer, done)
+        failed.fail("no good")
+        worker.settle(consumer, failed)
+    finally:
+        server.kill()
+        broker.close()
+    lines = [
+        r for r in caplog.records if r.name == "djqueue.worker" and r.getMessage().startswith("could not")
+    ]
+    assert [r.getMessage().split(": ", 1)[0] for r in lines] == [
+        f"could not ack message {done.message_id}",
+        f"could not dead-letter message {failed.message_id}",
+    ]
+    for line in lines:
+        assert f"cannot reach Redis at {server.url()}" in line.getMessage()
+        assert line.getMessage().endswith("; it may be delivered again")
+    assert {r.levelno for r in lines} == {logging.WARNING}
+    assert not any(r.exc_info for r in lines), "no traceback for a lost connection, but at DEBUG"
