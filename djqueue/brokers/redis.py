@@ -25,7 +25,7 @@ from . import mask_url
 from . import redis_scripts as lua
 from .base import Broker, Consumer, QueueStats, refuse_unknown_options
 from .redis_consumer import Heartbeat, RedisConsumer
-from .redis_runner import ScriptRunner, pack_four
+from .redis_runner import ScriptRunner, block_limit, pack_four
 
 logger = logging.getLogger("djqueue.broker.redis")
 
@@ -119,8 +119,8 @@ class RedisBroker(Broker):
             self.client = redis.Redis.from_url(url, **options)  # connects lazily
         except (TypeError, ValueError) as e:
             raise ConfigurationError(f"bad Redis broker option for {mask_url(url)}: {e}") from None
-        socket_timeout = options.get("socket_timeout")
-        self.max_block = max(0.01, socket_timeout - 1) if socket_timeout else 3600.0
+        # From the client, not the options: a socket_timeout in the URL wins over them.
+        self.max_block = block_limit(self.client) or 3600.0
         self.runner = ScriptRunner(
             self.client, self.prefix, {name: getattr(lua, name.upper()) for name in lua.SCRIPTS}
         )

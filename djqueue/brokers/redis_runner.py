@@ -22,6 +22,25 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# redis-py's socket timeout when a client was built without one: None before 8.0, 5 s
+# since. Assuming 5 costs a round trip now and then; assuming None would let every
+# blocking wait over 5 s fail.
+ASSUMED_SOCKET_TIMEOUT = 5.0
+
+
+def block_limit(client: Any) -> float | None:
+    """The longest single blocking command (BLMOVE, BLPOP), in seconds, that ``client``'s
+    socket timeout allows, whether it came from a keyword or the URL; None if reads never
+    time out."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    socket_timeout = kwargs.get("socket_timeout", ASSUMED_SOCKET_TIMEOUT)
+    if socket_timeout is None:
+        return None
+    # Leave time for the reply to travel and for Redis, which ends blocked commands on
+    # its clock tick (up to 100 ms late at the default hz).
+    return max(socket_timeout - 1, socket_timeout / 2)
+
+
 # Seconds a connection may sit unused before it is checked for a server-side close.
 IDLE_CHECK = 0.1
 

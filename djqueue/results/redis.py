@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..brokers import mask_url
+from ..brokers.redis_runner import block_limit
 from ..errors import ConnectionError, DjqueueError
 from .base import SUCCEEDED, ResultBackend, StoredResult
 
@@ -51,21 +52,6 @@ def split_namespace(url: str) -> tuple[str, str | None]:
     namespace = next((value for key, value in query if key == "namespace"), None)
     rest = [(key, value) for key, value in query if key != "namespace"]
     return urlunsplit(parts._replace(query=urlencode(rest))), namespace
-
-
-def block_limit(client: Any) -> float | None:
-    """The longest single blocking wait, in seconds, that ``client``'s socket timeout
-    allows; None if reads never time out."""
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
-    # A client given without a socket_timeout has redis-py's default, which is None or
-    # 5 s depending on the version: assuming 5 costs a round trip now and then, while
-    # assuming None would let every wait over 5 s fail.
-    socket_timeout = kwargs.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
-    if socket_timeout is None:
-        return None
-    # Leave time for the reply to travel and for Redis, which ends blocked commands on
-    # its clock tick (up to 100 ms late at the default hz).
-    return max(socket_timeout - 1, socket_timeout / 2)
 
 
 class RedisResultBackend(ResultBackend):

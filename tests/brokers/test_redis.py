@@ -769,3 +769,20 @@ def test_worker_end_to_end_with_1500_messages(make_broker, queue):
     assert {n for n, count in runs.items() if count != 1} == set(range(0, 1500, 100))
     assert all(runs[n] == 2 for n in range(0, 1500, 100))
     assert broker.get_queue_stats(queue) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("where", ["url", "option"])
+def test_an_idle_consumer_waits_within_a_short_socket_timeout_wherever_it_is_set(make_broker, queue, where):
+    # A consumer blocks in slices shorter than the socket timeout. Set in the URL, the
+    # timeout was once not seen: an idle wait raised ConnectionError after 1 s.
+    options = {"socket_timeout": 1} if where == "option" else {}
+    broker = make_broker(f"{REDIS_URL}?socket_timeout=1" if where == "url" else REDIS_URL, **options)
+    consumer = broker.consume(queue, timeout=2_500)
+    start = time.monotonic()
+    assert next(consumer) is None
+    assert 2.4 < time.monotonic() - start < 4
+    # Half the timeout: far from a busy loop of 10 ms waits.
+    assert broker.max_block == 0.5
+    broker.enqueue(make_message(queue, 1))
+    assert next(consumer).message.args == (1,)
+    consumer.close()

@@ -16,11 +16,12 @@ from urllib.parse import urlencode, urlsplit
 
 import pytest
 
+from djqueue.brokers.redis_runner import block_limit
 from djqueue.composition import group
 from djqueue.errors import ConnectionError
 from djqueue.message import Message
 from djqueue.results import get_result_backend, set_result_backend
-from djqueue.results.redis import RedisResultBackend, block_limit
+from djqueue.results.redis import RedisResultBackend
 
 from .conftest import REDIS_URL, delete_namespace, random_name
 
