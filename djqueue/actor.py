@@ -26,6 +26,35 @@ CORE_OPTIONS = frozenset({"priority", "queue_name", "actor_name", "broker"})
 MESSAGE_ONLY_OPTIONS = frozenset({"unique_key", "unique_ttl", "pipe_ignore", "pipe_target"})
 # Every message option no middleware declares ("eta" and "retries" are set by djqueue).
 _OTHER_MESSAGE_OPTIONS = CORE_OPTIONS | MESSAGE_ONLY_OPTIONS | {"eta", "retries"}
+# Unknown options that are habits from Celery (or Dramatiq), and what djqueue calls them.
+_OPTION_HINTS = {
+    "countdown": "use delay= in milliseconds (countdown=10, in seconds, is delay=10_000)",
+    "expires": "use max_age= in milliseconds, counted from the send",
+    "queue": "use queue_name=",
+    "name": "use actor_name=",
+    "link": "use on_success=",
+    "link_error": "use on_failure=",
+    "soft_time_limit": "use time_limit= in milliseconds",
+    "default_retry_delay": "use min_backoff= in milliseconds",
+    "ignore_result": "results are kept only with store_results=True",
+}
+
+
+def _hints(names: set[str]) -> str:
+    return "".join(f"; {name}: {_OPTION_HINTS[name]}" for name in sorted(names) if name in _OPTION_HINTS)
+
+
+def _validate_values(
+    broker: Broker, actor_name: str, options: dict[str, Any], given: set[str], where: str
+) -> None:
+    """Ask each middleware declaring one of the ``given`` options to check the values in
+    ``options``; a ConfigurationError says ``where`` (the @actor or the send)."""
+    for middleware in broker.middleware:
+        if not middleware.actor_options.isdisjoint(given):
+            try:
+                middleware.validate_actor_options(actor_name, options)
+            except ConfigurationError as e:
+                raise ConfigurationError(f"{where}: {e}") from None
 
 
 class Actor(Generic[P, R]):
@@ -82,11 +111,23 @@ class Actor(Generic[P, R]):
             if unknown:
                 raise ConfigurationError(
                     f"unknown message option(s) {', '.join(sorted(unknown))} for actor {self.actor_name}"
+                    + _hints(unknown)
                 )
             queue_name = options.pop("queue_name", queue_name)
             if queue_name != self.queue_name:
                 validate_queue_name(queue_name)
             priority = options.pop("priority", priority)
+            given = options.keys() & self.broker.actor_options
+            if given:
+                # As a worker reads them: the message's value, else (None too) the actor's.
+                merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+                _validate_values(
+                    self.broker,
+                    self.actor_name,
+                    merged,
+                    given,
+                    f"message options for actor {self.actor_name}",
+                )
         if priority:
             options["priority"] = int(priority)
         return Message(
@@ -119,8 +160,13 @@ class Actor(Generic[P, R]):
         if eta is not None:
             if delay is not None:
                 raise ConfigurationError("pass either delay= or eta=, not both")
-            if eta.tzinfo is None:
-                raise ConfigurationError("eta= must be an aware datetime (with tzinfo)")
+            if not isinstance(eta, datetime) or eta.tzinfo is None:
+                shown = "a naive datetime" if isinstance(eta, datetime) else repr(eta)
+                raise ConfigurationError(
+                    f"eta= must be an aware datetime (with tzinfo), not {shown}: e.g. "
+                    "django.utils.timezone.now() + timedelta(minutes=5); for a delay use "
+                    "delay= in milliseconds"
+                )
             delay = max(0, int(eta.timestamp() * 1000) - current_millis())
         if delay is not None and (not isinstance(delay, int | float) or delay < 0):
             raise ConfigurationError(f"delay= must be a number of milliseconds >= 0, not {delay!r}")
@@ -211,6 +257,8 @@ def actor(
     ``queue_name``, ``priority`` (higher runs first), ``max_retries``, ``min_backoff``,
     ``max_backoff``, ``retry_when``, ``throws``, ``time_limit``, ``max_age``,
     ``store_results``, ``on_success``, ``on_failure``, and those of any extra middleware.
+    An unknown option, or a value the middleware declaring it refuses, is a
+    ConfigurationError here, at import.
     """
 
     def decorator(fn: Callable[P, R]) -> Actor[P, R]:
@@ -221,11 +269,12 @@ def actor(
         invalid = set(options) - target.actor_options
         if invalid:
             raise ConfigurationError(
-                f"@actor {name}: unknown option(s) {', '.join(sorted(invalid))}; "
+                f"@actor {name}: unknown option(s) {', '.join(sorted(invalid))}{_hints(invalid)}; "
                 f"known options: {', '.join(sorted(target.actor_options | {'queue_name', 'priority'}))}"
             )
         if not isinstance(priority, int):
             raise ConfigurationError(f"@actor {name}: priority must be an int, not {priority!r}")
+        _validate_values(target, name, options, set(options), f"@actor {name}")
         existing = target.actors.get(name)
         if existing is not None and _origin(existing.fn) != _origin(fn):
             raise ConfigurationError(
@@ -243,6 +292,10 @@ def actor(
 
     if fn is None:
         return decorator
+    if not callable(fn):
+        # @actor("name"): the Dramatiq/Celery habit of naming the actor positionally.
+        hint = f"; to name the actor write @actor(actor_name={fn!r})" if isinstance(fn, str) else ""
+        raise TypeError(f"@actor takes the function as its only positional argument, not {fn!r}{hint}")
     return decorator(fn)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from ..message import Message
-from .base import Middleware
+from .base import Middleware, option_error
 from .dead_letters import exception_fields
 
 logger = logging.getLogger("djqueue.callbacks")
@@ -23,6 +24,18 @@ class Callbacks(Middleware):
     """
 
     actor_options = frozenset({"on_success", "on_failure"})
+
+    def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
+        for name in ("on_success", "on_failure"):
+            value = options.get(name)
+            if value is None:
+                continue
+            callback = getattr(value, "actor_name", value)
+            if not isinstance(callback, str) or not callback:
+                # Whether the name is registered is checked when a worker boots: the
+                # callback's module may be imported after this one.
+                hint = " (decorate the function with @actor)" if callable(value) else ""
+                raise option_error(name, value, f"an actor or an actor's name{hint}")
 
     def before_worker_boot(self, broker: Any, worker: Any) -> None:
         from .results import Results

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SkipMessage
-from .base import Middleware
+from .base import Middleware, is_whole_number, option_error
 
 
 class MaxDeliveries(Middleware):
@@ -30,6 +31,13 @@ class MaxDeliveries(Middleware):
             except Exception:  # settings not configured: a plain library use
                 max_deliveries = 5
         self.max_deliveries = max_deliveries
+
+    def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
+        value = options.get("max_deliveries")
+        if value is not None and not is_whole_number(value, 1):
+            raise option_error(
+                "max_deliveries", value, f"a whole number >= 1 (None: the default, {self.max_deliveries})"
+            )
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         if message.delivery_count == 1:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from ..message import Message
-from .base import Middleware
+from .base import Middleware, is_whole_number, option_error
 from .dead_letters import exception_fields
 
 logger = logging.getLogger("djqueue.results")
@@ -22,11 +23,21 @@ class Results(Middleware):
     pipeline that will never run because of it get the same failure, so that
     ``pipeline.get_result()`` fails at once instead of timing out.
 
-    Actor options: ``store_results`` (default False) and ``result_ttl`` (ms, default
-    ``DJQUEUE["RESULT_TTL"]``).
+    Actor options: ``store_results`` (True or False, default False) and ``result_ttl``
+    (a whole number of ms > 0, default ``DJQUEUE["RESULT_TTL"]``).
     """
 
     actor_options = frozenset({"store_results", "result_ttl"})
+
+    def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
+        store = options.get("store_results")
+        if store is not None and not isinstance(store, bool):
+            raise option_error("store_results", store, "True or False")
+        ttl = options.get("result_ttl")
+        if ttl is not None and not is_whole_number(ttl, 1):
+            raise option_error(
+                "result_ttl", ttl, "a whole number of milliseconds > 0 (None: DJQUEUE['RESULT_TTL'])"
+            )
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from typing import Any
 
-from ..errors import Retry
-from .base import Middleware
+from ..errors import ConfigurationError, Retry
+from .base import Middleware, is_whole_number, option_error
 
 logger = logging.getLogger("djqueue.retries")
 
 DEFAULT_MAX_RETRIES = 20
 DEFAULT_MIN_BACKOFF = 15_000
 DEFAULT_MAX_BACKOFF = 604_800_000
+
+
+def _is_exception_classes(value: Any) -> bool:
+    """``value`` is an exception class, or a tuple, list or set of them (maybe empty)."""
+    items = value if isinstance(value, tuple | list | set | frozenset) else (value,)
+    return all(isinstance(item, type) and issubclass(item, BaseException) for item in items)
 
 
 def compute_backoff(retries: int, *, min_backoff: int, max_backoff: int, jitter: bool = True) -> int:
@@ -29,10 +36,11 @@ def compute_backoff(retries: int, *, min_backoff: int, max_backoff: int, jitter:
 class Retries(Middleware):
     """Retries a message whose actor raised, up to ``max_retries`` times.
 
-    Actor options: ``max_retries`` (default 20), ``min_backoff`` (15 s) and
-    ``max_backoff`` (7 days), in ms; ``retry_when(retries, exception) -> bool`` to decide
-    per failure; ``throws``, exception classes that are dead-lettered at once. Raising
-    ``Retry(delay=ms)`` retries after that delay.
+    Actor options: ``max_retries`` (a whole number >= 0, default 20), ``min_backoff``
+    (15 s) and ``max_backoff`` (7 days), whole numbers of ms with min <= max;
+    ``retry_when(retries, exception) -> bool`` to decide per failure (then
+    ``max_retries`` is not used); ``throws``, an exception class or a tuple of them that
+    are dead-lettered at once. Raising ``Retry(delay=ms)`` retries after that delay.
     """
 
     actor_options = frozenset({"max_retries", "min_backoff", "max_backoff", "retry_when", "throws"})
@@ -47,6 +55,34 @@ class Retries(Middleware):
         self.max_retries = max_retries
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+
+    def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
+        if "max_retries" in options and not is_whole_number(options["max_retries"], 0):
+            raise option_error(
+                "max_retries",
+                options["max_retries"],
+                "a whole number >= 0 (there is no retry-for-ever value: to retry every failure, "
+                "pass retry_when=lambda retries, exception: True)",
+            )
+        for name in ("min_backoff", "max_backoff"):
+            if name in options and not is_whole_number(options[name], 0):
+                raise option_error(name, options[name], "a whole number of milliseconds >= 0")
+        # Only both given is a contradiction: max_backoff alone below the default
+        # min_backoff is a plain cap (every retry waits about max_backoff).
+        low, high = options.get("min_backoff"), options.get("max_backoff")
+        if low is not None and high is not None and low > high:
+            raise ConfigurationError(
+                f"min_backoff={low} is more than max_backoff={high}: min_backoff (the first "
+                "retry's delay, in ms) must not be more than max_backoff; lower min_backoff "
+                "or raise max_backoff"
+            )
+        retry_when = options.get("retry_when")
+        if retry_when is not None and not callable(retry_when):
+            raise option_error("retry_when", retry_when, "None or a function (retries, exception) -> bool")
+        throws = options.get("throws")
+        if throws is not None and not _is_exception_classes(throws):
+            hint = f" (pass the class itself: throws={throws})" if isinstance(throws, str) else ""
+            raise option_error("throws", throws, f"an exception class, or a tuple or list of them{hint}")
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None

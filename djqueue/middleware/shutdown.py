@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import DjqueueError
 from ..interrupts import interrupt
-from .base import Middleware
+from .base import Middleware, option_error
 
 
 class Shutdown(DjqueueError):
@@ -18,12 +19,19 @@ class Shutdown(DjqueueError):
 
 
 class ShutdownNotifications(Middleware):
+    """Actor option ``notify_shutdown``: True or False (None: the default, False)."""
+
     actor_options = frozenset({"notify_shutdown"})
 
     def __init__(self, *, notify_shutdown: bool = False) -> None:
         self.notify_shutdown = notify_shutdown
         self._running: dict[int, Any] = {}
         self._lock = threading.Lock()
+
+    def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
+        value = options.get("notify_shutdown")
+        if value is not None and not isinstance(value, bool):
+            raise option_error("notify_shutdown", value, "True or False")
 
     def _wants(self, broker: Any, message: Any) -> bool:
         actor = broker.actors.get(message.message.actor_name)

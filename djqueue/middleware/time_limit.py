@@ -6,15 +6,20 @@ import heapq
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import TimeLimitExceeded
 from ..interrupts import interrupt
-from .base import Middleware
+from .base import Middleware, is_milliseconds, option_error
 
 logger = logging.getLogger("djqueue.time_limit")
 
 DEFAULT_TIME_LIMIT = 600_000
+# A limit under this many ms is more likely seconds written as milliseconds (time_limit=60
+# for a minute) than meant. It is logged, not refused, nor a Python warning: tests use
+# short limits on purpose, and many run with warnings as errors.
+SUSPICIOUS_TIME_LIMIT = 1_000
 
 
 def raise_in_thread(thread_id: int, exception: type[BaseException]) -> bool:
@@ -24,8 +29,9 @@ def raise_in_thread(thread_id: int, exception: type[BaseException]) -> bool:
 
 
 class TimeLimit(Middleware):
-    """Actor option ``time_limit`` (ms, default 10 minutes). One monitor thread per
-    process sleeps until the earliest deadline; there is no polling."""
+    """Actor option ``time_limit``: in **milliseconds**, a number >= 0; ``0`` means no
+    limit and ``None`` (or leaving it out) the middleware's default, 10 minutes. One
+    monitor thread per process sleeps until the earliest deadline; there is no polling."""
 
     actor_options = frozenset({"time_limit"})
 
@@ -38,6 +44,29 @@ class TimeLimit(Middleware):
         # When the monitor wakes next (None: not until notified). New deadlines are
         # almost always later than it, so most messages need not wake the monitor.
         self._wake_at: float | None = None
+        self._doubted: set[tuple[str, float]] = set()  # short limits already logged
+
+    def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
+        value = options.get("time_limit")
+        if value is None:
+            return
+        if not is_milliseconds(value):
+            raise option_error(
+                "time_limit",
+                value,
+                f"a number of milliseconds >= 0 (0: no limit; None: the default, {self.time_limit:_} ms)",
+            )
+        if 0 < value < SUSPICIOUS_TIME_LIMIT and (actor_name, value) not in self._doubted:
+            self._doubted.add((actor_name, value))  # once per actor and value, not every send
+            logger.warning(
+                "actor %s: time_limit=%s is in milliseconds: the actor is stopped after %s ms; "
+                "for %s seconds write time_limit=%s",
+                actor_name,
+                value,
+                value,
+                value,
+                f"{int(value * 1000):_}",
+            )
 
     def _limit_for(self, broker: Any, message: Any) -> int | None:
         value = message.options.get("time_limit")

@@ -81,6 +81,33 @@ def check_serializable(value: Any) -> str | None:
     return None
 
 
+def _why_no_result(message: Any) -> str:
+    """What to say when no result came in time. Not a reason to fail early: the worker's
+    actor decides whether a result is stored, and a producer may not register the actor
+    at all, or run another version of it."""
+    store = getattr(message, "options", {}).get("store_results")
+    if store is None and hasattr(message, "actor_name"):
+        try:
+            from ..brokers import get_broker
+
+            actor = get_broker().actors.get(message.actor_name)
+        except Exception:  # no broker can be built here: say what may be wrong
+            actor = None
+        if actor is not None:
+            store = bool(actor.options.get("store_results"))
+    if store is None:  # a bare message id, or an actor this process does not know
+        return (
+            "it has not finished (is a worker consuming its queue?), or its actor does not "
+            "have store_results=True, so that no result is ever stored"
+        )
+    if store:
+        return f"it has not finished: is a worker consuming queue {message.queue_name!r}?"
+    return (
+        f"its actor {message.actor_name} does not have store_results=True, so no result is "
+        "stored: declare @actor(store_results=True), or send with send_with_options(store_results=True)"
+    )
+
+
 class ResultBackend:
     """Stores and returns results.
 
@@ -112,7 +139,9 @@ class ResultBackend:
             timeout = DEFAULT_TIMEOUT if timeout is None else int(timeout)
             stored = self._wait(message_id, timeout)
             if stored is None:
-                raise ResultTimeout(f"no result for message {message_id} within {timeout} ms")
+                raise ResultTimeout(
+                    f"no result for message {message_id} within {timeout} ms: {_why_no_result(message)}"
+                )
         return stored.unwrap(message_id)
 
     def store_result(self, message: Any, value: Any, *, ttl: int | None = None) -> None:
