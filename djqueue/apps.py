@@ -36,6 +36,10 @@ class DjqueueConfig(AppConfig):
             logger.error("djqueue broker not built: %s", e)
             return
         autodiscover()
+        if conf.get("CRONTABS"):
+            from .scheduling.queues import declare_at_startup
+
+            declare_at_startup()  # the entries' queues are the project's too
         task_backends = getattr(settings, "TASKS", {}).values()
         if any(str(params.get("BACKEND", "")).startswith("djqueue.") for params in task_backends):
             from .backends import connect_task_backends

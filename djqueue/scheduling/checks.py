@@ -11,6 +11,7 @@ Each error names the entry (and key) at fault. Ids are stable (docs/scheduling.m
 - djqueue.E016 ``queue_name`` is not a valid queue name
 - djqueue.E017 ``catch_up`` is not ``"latest"`` or ``"skip"``
 - djqueue.E018 ``enabled`` is not True or False
+- djqueue.E019 the broker refuses the entry's ``queue_name``, so no worker would consume it
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from django.core.checks import Error, Tags, register
 
 from .. import conf
 from .crontab import describe_key, entry_problems
+from .queues import declare_crontab_queues
 
 IDS = {
     "name": "djqueue.E010",
@@ -36,6 +38,8 @@ IDS = {
     "catch_up": "djqueue.E017",
     "enabled": "djqueue.E018",
 }
+
+QUEUE_REFUSED = "djqueue.E019"
 
 
 @register(Tags.compatibility)
@@ -52,7 +56,33 @@ def check_crontabs(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             errors.append(Error(f"{describe_key(name, key)} {message}", hint=hint, id=IDS[key]))
         if not any(p.key in ("name", "entry", "actor") for p in problems):
             errors += _check_actor(name, value)
+        if not any(p.key in ("name", "entry", "queue_name") for p in problems):
+            errors += _check_queue(name, value)
     return errors
+
+
+def _check_queue(name: str, value: Mapping[str, Any]) -> list[Error]:
+    """The broker must accept (declare) the entry's queue_name: a runworkers started
+    without --queues consumes exactly the declared queues (see queues.py)."""
+    from ..brokers import get_broker
+
+    if value.get("queue_name") is None:
+        return []  # the actor's queue, declared with the actor
+    try:
+        broker = get_broker()
+    except Exception:
+        return []  # djqueue.E00x report why the broker cannot be built
+    refused = declare_crontab_queues(broker, {name: value})
+    return [
+        Error(
+            f"{describe_key(name, 'queue_name')} names queue {queue_name!r}, which the broker refuses, "
+            f"so no worker would consume it: {error}",
+            hint="Use a queue the broker accepts (an actor's queue, for instance), or leave "
+            "'queue_name' out to use the actor's queue.",
+            id=QUEUE_REFUSED,
+        )
+        for queue_name, error in refused.items()
+    ]
 
 
 def _check_actor(name: str, value: Mapping[str, Any]) -> list[Error]:

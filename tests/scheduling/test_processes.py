@@ -234,3 +234,128 @@ def test_runworkers_with_scheduler_fires_and_runs_ticks(processes, record_dir):
     assert "with the scheduler" in workers.output()
     fire_times = [r.fire_time for r in runs(alias, name)]
     assert all(b - a == timedelta(seconds=2) for a, b in itertools.pairwise(fire_times))
+
+
+def banner_queues(output: str) -> list[str]:
+    """The queues a runworkers start-up banner names."""
+    match = re.search(r"\| queues ([^|]+) \|", output)
+    assert match, output
+    return match.group(1).strip().split(", ")
+
+
+@pytest.mark.parametrize("scheduler", ["--scheduler", "runscheduler"])
+def test_runworkers_without_queues_consumes_the_queue_of_a_crontab_entry(scheduler, processes, record_dir):
+    # No --queues: the entry's queue_name is one of the project's queues, whether the
+    # scheduler runs inside runworkers or in a runscheduler of its own.
+    queue = f"sched_{uuid.uuid4().hex[:8]}"
+    name = f"own-queue-{uuid.uuid4().hex[:6]}"
+    crontabs = {name: {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue}}
+    args = ["--processes", "1", "--threads", "2"]
+    if scheduler == "runscheduler":
+        processes("db://default", crontabs)
+    else:
+        args.append("--scheduler")
+    workers = processes("db://default", crontabs, *args, command="runworkers")
+    wait_for(lambda: runs("default", name), timeout=60, message="a tick")
+    first = runs("default", name)[0].message_id
+    wait_for(
+        lambda: first in {m for m, _, _ in read_records(record_dir)},
+        timeout=30,
+        message=f"the tick run by a worker; log:\n{workers.output()}",
+    )
+    assert workers.stop() == 0
+    assert queue in banner_queues(workers.output())
+
+
+def test_queuestats_lists_the_queue_of_a_crontab_entry():
+    from djqueue.brokers import broker_from_url
+    from djqueue.message import Message
+
+    queue = f"sched_{uuid.uuid4().hex[:8]}"
+    crontabs = {"mon": {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue}}
+    broker = broker_from_url("db://default")
+    try:
+        broker.enqueue(Message(queue_name=queue, actor_name="sched.tick", args=(), kwargs={}, options={}))
+    finally:
+        broker.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "queuestats", "--json", "--settings=tests.scheduling.settings"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DJQUEUE_BROKER_URL": "db://default",
+            "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {row["queue_name"]: row for row in json.loads(result.stdout)["queues"]}
+    assert queue in rows, f"queuestats lists only {sorted(rows)}"
+    assert rows[queue]["ready"] == 1
+
+
+@pytest.fixture
+def rabbitmq_vhost_url() -> Iterator[str]:
+    """A RabbitMQ virtual host of the test's own (runworkers without --queues declares
+    every queue of the project), deleted afterwards."""
+    base = os.environ.get("DJQUEUE_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+    vhost = f"djqueue_sched_{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
+    try:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            timeout=60,
+        )
+        yield base.rsplit("/", 1)[0] + "/" + vhost
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], timeout=60)
+
+
+@pytest.mark.rabbitmq
+def test_a_crontab_queue_is_consumed_and_declared_like_an_actors_queue_on_rabbitmq(
+    processes, record_dir, rabbitmq_vhost_url
+):
+    queue = f"sched_{uuid.uuid4().hex[:8]}"
+    name = f"rabbit-{uuid.uuid4().hex[:6]}"
+    crontabs = {name: {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue}}
+    workers = processes(
+        rabbitmq_vhost_url,
+        crontabs,
+        "--processes",
+        "1",
+        "--threads",
+        "2",
+        "--scheduler",
+        command="runworkers",
+    )
+    wait_for(lambda: runs("default", name), timeout=60, message="a tick")
+    first = runs("default", name)[0].message_id
+    wait_for(
+        lambda: first in {m for m, _, _ in read_records(record_dir)},
+        timeout=30,
+        message=f"the tick run by a worker; log:\n{workers.output()}",
+    )
+    assert workers.stop() == 0
+    vhost = rabbitmq_vhost_url.rsplit("/", 1)[1]
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "arguments", "--formatter", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    arguments = {q["name"]: q["arguments"] for q in json.loads(listing.stdout)}
+
+    def topology(queue_name: str) -> dict[str, list]:
+        # Each queue of the family with its arguments, the queue's own name taken out.
+        family = {k: v for k, v in arguments.items() if k == queue_name or k.startswith(queue_name + ".")}
+        return {
+            k.replace(queue_name, "Q", 1): sorted(json.dumps(a).replace(queue_name, "Q") for a in v)
+            for k, v in family.items()
+        }
+
+    assert {"Q", "Q.RQ", "Q.DQ"} <= set(topology(queue))
+    assert topology(queue) == topology("default"), "the same queues, with the same arguments"

@@ -32,7 +32,8 @@ class Command(BaseCommand):
             "-Q",
             nargs="+",
             metavar="QUEUE",
-            help="only these queues (default: every queue actors use, workers consume or dead letters name)",
+            help="only these queues (default: every queue actors or crontab entries use, workers "
+            "consume or dead letters name)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:

@@ -43,7 +43,7 @@ class Command(BaseCommand):
             "-Q",
             nargs="+",
             metavar="QUEUE",
-            help="queues to consume (default: every queue an actor uses)",
+            help="queues to consume (default: every queue an actor or a crontab entry uses)",
         )
         parser.add_argument(
             "--watch",
@@ -94,7 +94,9 @@ class Command(BaseCommand):
         if queues:
             unknown = sorted(set(queues) - declared)
             if unknown:
-                self.stderr.write(f"warning: no actor uses queue(s) {', '.join(unknown)} in this project")
+                self.stderr.write(
+                    f"warning: no actor or crontab entry uses queue(s) {', '.join(unknown)} in this project"
+                )
         if not (queues or declared):
             raise CommandError(
                 "no queues to consume: no @actor was found. Define actors in your apps' "

@@ -1,0 +1,101 @@
+"""The queues crontab entries send to are queues of the project (djqueue/scheduling/queues.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from django.test import override_settings
+
+from djqueue import Middleware
+from djqueue.brokers.stub import StubBroker
+from djqueue.dashboard import queue_names
+from djqueue.errors import ConfigurationError
+from djqueue.scheduling.checks import check_crontabs
+from djqueue.scheduling.queues import crontab_queue_names, declare_crontab_queues
+from djqueue.testing import stub_broker
+from djqueue.worker import Worker
+from tests.process import ROOT
+
+EVERY_MINUTE = "* * * * *"
+
+
+def test_the_queue_names_of_the_entries():
+    crontabs = {
+        "b": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "monitoring"},
+        "a": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "monitoring"},
+        "reports": {"actor": "record", "schedule": "@daily", "queue_name": "reports", "enabled": False},
+        "actors-own": {"actor": "record", "schedule": EVERY_MINUTE},
+        "bad-queue": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "no spaces"},
+        "not-a-dict": ["record"],
+        "": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "unnamed"},
+    }
+    # Once each, sorted; a disabled entry counts (its earlier ticks may still wait);
+    # invalid entries and names are left to the checks.
+    assert crontab_queue_names(crontabs) == ["monitoring", "reports"]
+    assert crontab_queue_names(None) == crontab_queue_names([]) == []
+
+
+def test_every_process_declares_the_crontab_queues_at_start_up():
+    # What runworkers (supervisor and worker processes), queuestats, the metrics and the
+    # admin dashboard ask for "the project's queues": the broker's declared queues.
+    crontabs = {"mon": {"actor": "sched.tick", "schedule": EVERY_MINUTE, "queue_name": "monitoring"}}
+    code = (
+        "import json; from djqueue import get_broker; "
+        "print(json.dumps(sorted(get_broker().get_declared_queues())))"
+    )
+    env = {**os.environ, "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs)}
+    env.pop("DJQUEUE_BROKER_URL", None)  # the stub broker
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "shell", "-c", code, "--settings=tests.scheduling.settings"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    declared = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "monitoring" in declared
+    assert "default" in declared, "with the actors' queues"
+
+
+@pytest.mark.django_db
+def test_a_declared_crontab_queue_is_one_of_the_project_queues():
+    broker = StubBroker()
+    crontabs = {"mon": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "monitoring"}}
+    with override_settings(DJQUEUE={"BROKER_URL": "stub://", "CRONTABS": crontabs}):
+        assert declare_crontab_queues(broker) == {}
+    assert "monitoring" in broker.get_declared_queues()
+    assert "monitoring" in queue_names(broker), "queuestats and the admin dashboard list it"
+    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert "monitoring" in worker.consumers, "a worker without queues= consumes it"
+    finally:
+        worker.stop(timeout=5_000)
+    broker.close()
+
+
+class OnlyJobQueues(Middleware):
+    def before_declare_queue(self, broker, queue_name):
+        if not queue_name.startswith("jobs."):
+            raise ConfigurationError(f"queue {queue_name!r} does not start with 'jobs.'")
+
+
+def test_a_queue_the_broker_refuses_fails_the_check():
+    crontabs = {
+        "refused": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "mon"},
+        "accepted": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "jobs.mon"},
+    }
+    with stub_broker() as broker, override_settings(DJQUEUE={"BROKER_URL": "stub://", "CRONTABS": crontabs}):
+        broker.add_middleware(OnlyJobQueues())
+        errors = check_crontabs()
+        assert [e.id for e in errors] == ["djqueue.E019"], errors
+        assert errors[0].msg.startswith("DJQUEUE['CRONTABS']['refused']['queue_name'] names queue 'mon'")
+        assert "no worker would consume it: queue 'mon' does not start with 'jobs.'" in errors[0].msg
+        assert errors[0].hint
+        assert "jobs.mon" in broker.get_declared_queues()
