@@ -69,11 +69,13 @@ class JSONEncoder(Encoder):
                 # orjson writes nan and infinities as null: only then is a look needed.
                 if b"null" not in encoded:
                     return encoded
-        for key, value in data.items():
-            try:
-                _check(value, key)
-            except TypeError as e:
-                raise TypeError(f"message is not JSON serializable: {e}") from None
+        if not _sendable(data):
+            # Walked again, slowly, only to name the value at fault.
+            for key, value in data.items():
+                try:
+                    _check(value, key)
+                except TypeError as e:
+                    raise TypeError(f"message is not JSON serializable: {e}") from None
         if encoded is not None:
             return encoded
         return json.dumps(data, separators=(",", ":"), allow_nan=False, default=_convert).encode("utf-8")
@@ -106,6 +108,44 @@ def _convert(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     raise TypeError(f"{type(value).__qualname__} is not JSON serializable")
+
+
+def _sendable(value: Any) -> bool:
+    """Whether ``_check`` passes ``value``, without building the path of every value; the
+    exact types of the usual message first (on every send whose message holds a None)."""
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
+        return True
+    if kind is int:
+        return _INT_MIN <= value <= _INT_MAX
+    if kind is float:
+        return math.isfinite(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str and not isinstance(key, str):
+                return False
+            if not _sendable(item):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        return all(map(_sendable, value))
+    # Subclasses (an IntEnum, a SafeString, an OrderedDict...) and the converted kinds.
+    if isinstance(value, _CONVERTED):
+        return _sendable(value.value) if isinstance(value, enum.Enum) else True
+    if isinstance(value, str):
+        return True
+    if isinstance(value, int):
+        return _INT_MIN <= value <= _INT_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _sendable(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return all(_sendable(item) for item in value)
+    return False
+
+
+_CONVERTED = (uuid.UUID, enum.Enum)
 
 
 def _check(value: Any, where: str) -> None:

@@ -61,10 +61,10 @@ def drain(
 ) -> None:
     """Run queued jobs (and the retries they cause) until every queue is empty.
 
-    On the stub broker, delayed messages (``delay=``, ``eta=``) and retries run at once
-    rather than after their real delay or backoff, unless ``run_delayed=False``; other
-    brokers always wait for them. ``timeout`` is in ms; raises TimeoutError if the queues
-    are not empty by then.
+    On the stub broker, unless ``run_delayed=False``, time skips ahead to the next
+    delayed message (``delay=``, ``eta=``, a retry's backoff) whenever no other job is
+    due or running, rather than waiting out the real delay; other brokers always wait.
+    ``timeout`` is in ms; raises TimeoutError if the queues are not empty by then.
     """
     broker = broker or get_broker()
     stub = broker if isinstance(broker, StubBroker) and run_delayed else None

@@ -1,8 +1,12 @@
+import time
+import uuid
+
 import pytest
 
-from djqueue import actor
+from djqueue import actor, get_current_message
 from djqueue.brokers import get_broker
 from djqueue.models import DeadLetter
+from djqueue.rate_limits import ConcurrentRateLimiter
 from djqueue.testing import drain, stub_broker
 from tests.testapp.tasks import record
 
@@ -43,3 +47,26 @@ def test_drain_runs_delayed_jobs_and_retries_at_once_on_the_stub_broker(record_d
         assert broker.get_queue_stats("default").delayed == 1
         with pytest.raises(TimeoutError):
             drain(broker, timeout=300, run_delayed=False)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drain_runs_a_rate_limited_retry_after_the_job_holding_the_limit():
+    # Skipping ahead only when nothing else is due or running: the refused job's retry
+    # comes once the holder has finished, not at once while it still holds the slot.
+    limiter = ConcurrentRateLimiter(f"drain-{uuid.uuid4().hex}", limit=1, ttl=10_000)
+    ran: list[tuple[str, int]] = []
+
+    with stub_broker() as broker:
+
+        @actor(broker=broker, actor_name="drain_limited", max_retries=3)
+        def limited(name: str) -> None:
+            with limiter.acquire():
+                time.sleep(0.3)  # the job's own work, holding the slot
+                ran.append((name, get_current_message().retries))
+
+        limited.send("first")
+        limited.send("second")
+        drain(broker, timeout=10_000, threads=2)
+        assert broker.get_queue_stats("default") == (0, 0, 0, 0)
+    assert sorted(name for name, _ in ran) == ["first", "second"]
+    assert max(retries for _, retries in ran) == 1, "the refused job ran once more, and then got the slot"
