@@ -64,17 +64,19 @@ class WorkerConfig:
 
 def configure_logging(log_file: str | None, level: str = "INFO") -> None:
     """Send the ``djqueue`` loggers' records to stderr (or ``log_file``) at ``level``,
-    unless the project's logging already handles them.
+    unless the project's logging already shows them.
 
-    A project whose ``LOGGING`` (or its own set-up) gives a handler to ``djqueue``, or to
-    a logger above it up to the root, keeps its configuration: its handlers, levels and
-    formats; only ``level="DEBUG"`` (``-v 3``) still lowers the level. ``log_file``
-    (``--log-file``) is an explicit request and always wins.
+    A project whose ``LOGGING`` (or its own set-up) gives ``djqueue``, or a logger above it
+    up to the root, a handler that takes warnings keeps its configuration: its handlers
+    and formats, and its level for ``djqueue`` if it set one (else ``level``). Otherwise
+    djqueue's own stderr handler is added beside any the project has (a Sentry handler
+    for errors keeps getting them). ``log_file`` (``--log-file``) is an explicit request:
+    djqueue's records go to that file only.
     """
     logger = logging.getLogger("djqueue")
-    if log_file is None and _handled_by_project(logger):
-        if level == "DEBUG":
-            logger.setLevel(logging.DEBUG)
+    if log_file is None and _shown_by_project(logger):
+        if logger.level == logging.NOTSET or level == "DEBUG":
+            logger.setLevel(level)
         return
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(
@@ -83,9 +85,12 @@ def configure_logging(log_file: str | None, level: str = "INFO") -> None:
         )
     )
     setattr(handler, _OWN_HANDLER, True)
-    logger.handlers = [handler]
+    if log_file:
+        logger.handlers = [handler]
+        logger.propagate = False
+    else:
+        logger.handlers = [h for h in logger.handlers if not getattr(h, _OWN_HANDLER, False)] + [handler]
     logger.setLevel(level)
-    logger.propagate = False
 
 
 # Marks the handler configure_logging installs, so that a second call (a spawned worker,
@@ -93,11 +98,13 @@ def configure_logging(log_file: str | None, level: str = "INFO") -> None:
 _OWN_HANDLER = "djqueue_default_handler"
 
 
-def _handled_by_project(logger: logging.Logger) -> bool:
+def _shown_by_project(logger: logging.Logger) -> bool:
+    """Whether a handler of the project's, on ``logger`` or above it, takes its warnings."""
     node: logging.Logger | None = logger
     while node is not None:
-        if any(not getattr(handler, _OWN_HANDLER, False) for handler in node.handlers):
-            return True
+        for handler in node.handlers:
+            if not getattr(handler, _OWN_HANDLER, False) and handler.level <= logging.WARNING:
+                return True
         if not node.propagate:
             return False
         node = node.parent

@@ -95,13 +95,18 @@ LOGGING = {
         "djqueue": {"handlers": ["console"], "level": os.environ.get("DJQUEUE_LOG_LEVEL", "WARNING")}
     },
 }
-# The tests of runworkers' own logging: a project that leaves djqueue's logger alone, and
-# one that sends its records to a file of its own.
-if os.environ.get("DJQUEUE_TEST_LOGGING") == "none":
+# The tests of runworkers' own logging: a project that leaves djqueue's logger alone, one
+# that sends its records to a file of its own, and one whose root logger keeps only
+# errors (in a file, as a Sentry handler would).
+_TEST_LOGGING = os.environ.get("DJQUEUE_TEST_LOGGING", "")
+if _TEST_LOGGING == "none":
     LOGGING["loggers"] = {}
-elif os.environ.get("DJQUEUE_TEST_LOGGING"):
-    LOGGING["handlers"]["file"] = {
-        "class": "logging.FileHandler",
-        "filename": os.environ["DJQUEUE_TEST_LOGGING"],
-    }
-    LOGGING["loggers"]["djqueue"]["handlers"] = ["file"]
+elif _TEST_LOGGING:
+    _kind, _, _path = _TEST_LOGGING.rpartition(":")
+    LOGGING["handlers"]["file"] = {"class": "logging.FileHandler", "filename": _path}
+    if _kind == "root-errors":
+        LOGGING["handlers"]["file"]["level"] = "ERROR"
+        LOGGING["loggers"] = {}
+        LOGGING["root"] = {"handlers": ["file"]}
+    else:
+        LOGGING["loggers"]["djqueue"]["handlers"] = ["file"]

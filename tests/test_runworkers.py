@@ -273,7 +273,7 @@ def test_runworkers_keeps_the_projects_logging_of_djqueue(broker, broker_url, qu
     # LOGGING sends djqueue's records to the project's file at WARNING: a team's Sentry or
     # JSON pipeline must get the worker's errors, and no INFO line it did not ask for.
     project_log = tmp_path / "project.log"
-    env = {"DJQUEUE_TEST_LOGGING": str(project_log), "DJQUEUE_LOG_LEVEL": "WARNING"}
+    env = {"DJQUEUE_TEST_LOGGING": f"djqueue:{project_log}", "DJQUEUE_LOG_LEVEL": "WARNING"}
     bad = send(broker, always_fail, "never", queue=queue)
     w = workers(broker_url, "--processes", "1", "--queues", queue, env=env)
     wait_for(lambda: DeadLetter.objects.filter(message_id=bad.message_id).exists(), message="dead letter")
@@ -284,6 +284,25 @@ def test_runworkers_keeps_the_projects_logging_of_djqueue(broker, broker_url, qu
     assert w.stop() == 0
     assert "dead-lettering" not in w.output()
     assert "worker process 0 started" not in project_log.read_text() + w.output()
+
+
+@pytest.mark.parametrize("broker_url", ["db://default"], ids=["sqlite"])
+def test_a_root_handler_for_errors_only_gets_them_and_stderr_still_shows_the_rest(
+    broker, broker_url, queue, tmp_path, workers
+):
+    errors = tmp_path / "errors.log"
+    bad = send(broker, always_fail, "never", queue=queue)
+    env = {"DJQUEUE_TEST_LOGGING": f"root-errors:{errors}"}
+    w = workers(broker_url, "--processes", "1", "--queues", queue, env=env)
+    wait_for(
+        lambda: errors.exists() and f"dead-lettering {bad.message_id}" in errors.read_text(),
+        message="the dead-lettering error in the project's error log",
+    )
+    assert w.stop() == 0
+    output = w.output()
+    assert "INFO djqueue.worker: worker process 0 started" in output
+    assert "WARNING djqueue.worker: always_fail('never') failed" in output
+    assert "failed" not in errors.read_text().replace("dead-lettering", "")
 
 
 def test_watch_restarts_workers_when_code_changes(broker_url, queue, tmp_path, record_dir, workers, broker):
