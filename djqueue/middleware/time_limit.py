@@ -44,7 +44,7 @@ class TimeLimit(Middleware):
         # When the monitor wakes next (None: not until notified). New deadlines are
         # almost always later than it, so most messages need not wake the monitor.
         self._wake_at: float | None = None
-        self._doubted: set[tuple[str, float]] = set()  # short limits already logged
+        self._doubted: set[str] = set()  # actors whose short limit was logged
 
     def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
         value = options.get("time_limit")
@@ -56,8 +56,9 @@ class TimeLimit(Middleware):
                 value,
                 f"a number of milliseconds >= 0 (0: no limit; None: the default, {self.time_limit:_} ms)",
             )
-        if 0 < value < SUSPICIOUS_TIME_LIMIT and (actor_name, value) not in self._doubted:
-            self._doubted.add((actor_name, value))  # once per actor and value, not every send
+        if 0 < value < SUSPICIOUS_TIME_LIMIT and actor_name not in self._doubted:
+            # Once per actor: sends that compute their limit must not grow this, nor the log.
+            self._doubted.add(actor_name)
             logger.warning(
                 "actor %s: time_limit=%s is in milliseconds: the actor is stopped after %s ms; "
                 "for %s seconds write time_limit=%s",
