@@ -18,7 +18,8 @@ from django.utils import timezone
 from djqueue import Worker
 from djqueue.backends import TASK_ACTOR_NAME, DjqueueTaskBackend, TaskDeadLettered, task_actor
 from djqueue.brokers import broker_from_url, get_broker, set_broker
-from djqueue.errors import ActorNotFound, DecodeError
+from djqueue.errors import ActorNotFound, ConnectionError, DecodeError
+from djqueue.middleware import Middleware
 from djqueue.models import DjangoTaskResult
 from tests.process import start_workers, wait_for
 from tests.tasks_backend import djtasks
@@ -302,12 +303,21 @@ def test_a_task_that_cannot_be_imported_fails_even_without_a_row(worker, stub_br
         djtasks.add.get_result(message.message_id)
 
 
-def test_a_failure_that_cannot_be_retried_is_recorded_once(worker, tasks_setting, finished_signals):
-    # A retry is due, but the junk min_backoff stops Retries from scheduling it: the
-    # message is dead-lettered although the task expected another attempt.
-    tasks_setting.TASKS = {
-        "default": {"BACKEND": BACKEND, "OPTIONS": {"max_retries": 3, "min_backoff": "soon"}}
-    }
+class RefuseRetries(Middleware):
+    """A broker that cannot store a retry (it went down after the delivery)."""
+
+    def before_enqueue(self, broker, message, delay):
+        if message.options.get("retries"):
+            raise ConnectionError("the broker cannot store the retry")
+
+
+def test_a_failure_that_cannot_be_retried_is_recorded_once(
+    worker, tasks_setting, stub_broker, finished_signals
+):
+    # A retry is due, but the broker refuses to store it: the message is dead-lettered
+    # although the task expected another attempt.
+    tasks_setting.TASKS = {"default": {"BACKEND": BACKEND, "OPTIONS": {"max_retries": 3, "min_backoff": 1}}}
+    stub_broker.add_middleware(RefuseRetries())
     result = djtasks.explode.enqueue("once")
     run_all(worker)
     result.refresh()
