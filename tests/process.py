@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,27 @@ class Workers:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def run_django(
+    *args: str, settings: str = "tests.settings", timeout: float = 120, **env: str | None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m django ARGS`` in a fresh process with ``settings``; ``env`` adds to the
+    environment, and a value of None removes that variable."""
+    environ = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(ROOT)}
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_workers(
     tmp_path: Path,
     broker_url: str,
@@ -153,6 +176,24 @@ def start_workers(
             stdin=subprocess.DEVNULL,
         )
     return Workers(process, log)
+
+
+@contextmanager
+def rabbitmq_vhost_url(url: str, prefix: str = "djqueue_test") -> Iterator[str]:
+    """``url`` pointed at a RabbitMQ virtual host of its own (guest has every permission),
+    deleted afterwards: for queues other tests declared with other arguments, or for
+    code that declares every queue of the project."""
+    vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
+    try:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            timeout=60,
+        )
+        yield url.rsplit("/", 1)[0] + "/" + vhost
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], timeout=60)
 
 
 def delete_rabbitmq_queues(url: str, prefix: str) -> None:

@@ -5,15 +5,12 @@ same message: the option, the nearest valid one, and the options it takes; and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from djqueue.brokers import broker_from_url
 from djqueue.errors import ConfigurationError
-from tests.process import ROOT
+from tests.process import run_django
 
 BROKERS = [
     pytest.param(
@@ -48,20 +45,7 @@ def test_every_unknown_option_is_named_and_the_valid_ones_still_work():
 
 @pytest.mark.parametrize(("url", "name", "option", "nearest"), BROKERS[:2])
 def test_manage_py_check_reports_an_unknown_option(url, name, option, nearest):
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DJQUEUE_BROKER_URL": url,
-        "DJQUEUE_TEST_BROKER_OPTIONS": json.dumps({option: 5}),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_django("check", DJQUEUE_BROKER_URL=url, DJQUEUE_TEST_BROKER_OPTIONS=json.dumps({option: 5}))
     assert result.returncode != 0
     assert "djqueue.E005" in result.stderr
     assert f"unknown {name} broker option(s) {option} (did you mean {nearest}?)" in result.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from django.db import connections
 
 from tests.brokers.conftest import BrokerCase, make_case
-from tests.process import Workers, read_records, start_workers
+from tests.process import Workers, rabbitmq_vhost_url, read_records, start_workers
 
 # The database broker on both databases, Redis and RabbitMQ.
 BROKERS = [
@@ -133,26 +132,16 @@ def cleanup_case(case: BrokerCase) -> None:
 def rabbitmq_vhost(case: BrokerCase) -> Iterator[BrokerCase]:
     """Point ``case`` at a virtual host of its own for the duration, deleted afterwards:
     for broker options (quorum queues) that the queues other tests declared would refuse."""
-    import uuid
-
-    vhost = f"djqueue_rel_{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        timeout=60,
-    )
-    case.url = case.url.rsplit("/", 1)[0] + "/" + vhost
-    try:
-        yield case
-    finally:
-        for broker in case.brokers:
-            try:
-                broker.close()
-            except Exception:
-                pass
-        case.brokers.clear()
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], timeout=60)
+    with rabbitmq_vhost_url(case.url, "djqueue_rel") as case.url:
+        try:
+            yield case
+        finally:
+            for broker in case.brokers:
+                try:
+                    broker.close()
+                except Exception:
+                    pass
+            case.brokers.clear()
 
 
 @pytest.fixture

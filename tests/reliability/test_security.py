@@ -7,10 +7,7 @@ project's production settings is tests/test_example_project.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import traceback
 import uuid
 
@@ -24,7 +21,7 @@ from djqueue.encoder import get_encoder
 from djqueue.errors import ConnectionError
 from djqueue.models import DeadLetter, ScheduleRun, TaskResult
 from tests.brokers.conftest import RABBITMQ_URL
-from tests.process import ROOT, wait_for
+from tests.process import run_django, wait_for
 from tests.testapp.tasks import record
 
 # Transactions of their own: worker processes write to the same SQLite file.
@@ -40,18 +37,6 @@ def closed_port() -> int:
         return s.getsockname()[1]  # closed again when we return: nothing listens there
 
 
-def django(*args: str, settings: str = "tests.settings", **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "django", *args],
-        cwd=ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 # -- encoding -----------------------------------------------------------------------------
 
 
@@ -62,7 +47,7 @@ def test_messages_are_json_by_default():
 
 
 def test_pickle_warns_in_check_and_at_start_up(workers):
-    check = django("check", settings="tests.reliability.pickle_settings")
+    check = run_django("check", settings="tests.reliability.pickle_settings")
     assert "djqueue.W001" in check.stderr + check.stdout
     queue = f"rel_{uuid.uuid4().hex[:8]}"
     env = {"DJANGO_SETTINGS_MODULE": "tests.reliability.pickle_settings"}
@@ -104,7 +89,7 @@ def test_a_redis_password_never_shows_in_errors_logs_banner_or_admin(
     wait_for(lambda: "cannot reach Redis" in w.output(), timeout=60, message="a connection error in the log")
     assert w.stop() == 0
     assert SECRET not in w.output() and "redis://:***@127.0.0.1" in w.output()
-    check = django("check", DJQUEUE_BROKER_URL=url)
+    check = run_django("check", DJQUEUE_BROKER_URL=url)
     assert SECRET not in check.stdout + check.stderr
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from djqueue.models import QueuedMessage, ScheduleRun
 from djqueue.scheduling.crontab import Schedule
-from tests.process import ROOT, read_records, start_workers, wait_for
+from tests.process import ROOT, rabbitmq_vhost_url, read_records, run_django, start_workers, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
 
@@ -243,6 +243,17 @@ def banner_queues(output: str) -> list[str]:
     return match.group(1).strip().split(", ")
 
 
+def _first_tick_runs(name: str, workers, record_dir) -> None:
+    """Wait for entry ``name``'s first tick, then for a worker to run it."""
+    wait_for(lambda: runs("default", name), timeout=60, message="a tick")
+    first = runs("default", name)[0].message_id
+    wait_for(
+        lambda: first in {m for m, _, _ in read_records(record_dir)},
+        timeout=30,
+        message=f"the tick run by a worker; log:\n{workers.output()}",
+    )
+
+
 @pytest.mark.parametrize("scheduler", ["--scheduler", "runscheduler"])
 def test_runworkers_without_queues_consumes_the_queue_of_a_crontab_entry(scheduler, processes, record_dir):
     # No --queues: the entry's queue_name is one of the project's queues, whether the
@@ -256,13 +267,7 @@ def test_runworkers_without_queues_consumes_the_queue_of_a_crontab_entry(schedul
     else:
         args.append("--scheduler")
     workers = processes("db://default", crontabs, *args, command="runworkers")
-    wait_for(lambda: runs("default", name), timeout=60, message="a tick")
-    first = runs("default", name)[0].message_id
-    wait_for(
-        lambda: first in {m for m, _, _ in read_records(record_dir)},
-        timeout=30,
-        message=f"the tick run by a worker; log:\n{workers.output()}",
-    )
+    _first_tick_runs(name, workers, record_dir)
     assert workers.stop() == 0
     assert queue in banner_queues(workers.output())
 
@@ -278,17 +283,12 @@ def test_queuestats_lists_the_queue_of_a_crontab_entry():
         broker.enqueue(Message(queue_name=queue, actor_name="sched.tick", args=(), kwargs={}, options={}))
     finally:
         broker.close()
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "queuestats", "--json", "--settings=tests.scheduling.settings"],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "DJQUEUE_BROKER_URL": "db://default",
-            "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_django(
+        "queuestats",
+        "--json",
+        settings="tests.scheduling.settings",
+        DJQUEUE_BROKER_URL="db://default",
+        DJQUEUE_TEST_CRONTABS=json.dumps(crontabs),
     )
     assert result.returncode == 0, result.stderr
     rows = {row["queue_name"]: row for row in json.loads(result.stdout)["queues"]}
@@ -297,32 +297,23 @@ def test_queuestats_lists_the_queue_of_a_crontab_entry():
 
 
 @pytest.fixture
-def rabbitmq_vhost_url() -> Iterator[str]:
+def own_vhost_url() -> Iterator[str]:
     """A RabbitMQ virtual host of the test's own (runworkers without --queues declares
     every queue of the project), deleted afterwards."""
     base = os.environ.get("DJQUEUE_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-    vhost = f"djqueue_sched_{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
-    try:
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-            check=True,
-            timeout=60,
-        )
-        yield base.rsplit("/", 1)[0] + "/" + vhost
-    finally:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], timeout=60)
+    with rabbitmq_vhost_url(base, "djqueue_sched") as url:
+        yield url
 
 
 @pytest.mark.rabbitmq
 def test_a_crontab_queue_is_consumed_and_declared_like_an_actors_queue_on_rabbitmq(
-    processes, record_dir, rabbitmq_vhost_url
+    processes, record_dir, own_vhost_url
 ):
     queue = f"sched_{uuid.uuid4().hex[:8]}"
     name = f"rabbit-{uuid.uuid4().hex[:6]}"
     crontabs = {name: {"actor": "sched.tick", "schedule": EVERY_2_SECONDS, "queue_name": queue}}
     workers = processes(
-        rabbitmq_vhost_url,
+        own_vhost_url,
         crontabs,
         "--processes",
         "1",
@@ -331,15 +322,9 @@ def test_a_crontab_queue_is_consumed_and_declared_like_an_actors_queue_on_rabbit
         "--scheduler",
         command="runworkers",
     )
-    wait_for(lambda: runs("default", name), timeout=60, message="a tick")
-    first = runs("default", name)[0].message_id
-    wait_for(
-        lambda: first in {m for m, _, _ in read_records(record_dir)},
-        timeout=30,
-        message=f"the tick run by a worker; log:\n{workers.output()}",
-    )
+    _first_tick_runs(name, workers, record_dir)
     assert workers.stop() == 0
-    vhost = rabbitmq_vhost_url.rsplit("/", 1)[1]
+    vhost = own_vhost_url.rsplit("/", 1)[1]
     listing = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "arguments", "--formatter", "json"],
         check=True,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from django.test import override_settings
@@ -18,7 +15,7 @@ from djqueue.scheduling.checks import check_crontabs
 from djqueue.scheduling.queues import crontab_queue_names, declare_crontab_queues
 from djqueue.testing import stub_broker
 from djqueue.worker import Worker
-from tests.process import ROOT
+from tests.process import run_django
 
 EVERY_MINUTE = "* * * * *"
 
@@ -47,15 +44,13 @@ def test_every_process_declares_the_crontab_queues_at_start_up():
         "import json; from djqueue import get_broker; "
         "print(json.dumps(sorted(get_broker().get_declared_queues())))"
     )
-    env = {**os.environ, "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs)}
-    env.pop("DJQUEUE_BROKER_URL", None)  # the stub broker
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "shell", "-c", code, "--settings=tests.scheduling.settings"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_django(
+        "shell",
+        "-c",
+        code,
+        settings="tests.scheduling.settings",
+        DJQUEUE_TEST_CRONTABS=json.dumps(crontabs),
+        DJQUEUE_BROKER_URL=None,  # the stub broker
     )
     assert result.returncode == 0, result.stderr
     declared = json.loads(result.stdout.strip().splitlines()[-1])
