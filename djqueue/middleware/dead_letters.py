@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import math
 from typing import Any
 
-from django.db import connections, router
+from django.db import DatabaseError, connections, router
 
 from .base import Middleware
 
@@ -53,26 +55,89 @@ class DeadLetters(Middleware):
         except (OverflowError, OSError, ValueError):  # a producer's nonsense timestamp
             enqueued_at = None
         fields = {
-            "queue_name": message.queue_name[:100],
-            "actor_name": message.actor_name[:255],
+            "queue_name": _text(message.queue_name)[:100],
+            "actor_name": _text(message.actor_name)[:255],
             "message": data,
             "raw_payload": raw,
             "args": list(message.args),
             "kwargs": message.kwargs,
             "options": message.options,
-            "exception_type": exception_type[:255],
-            "exception_message": exception_message,
-            "traceback": message.traceback or "",
+            "exception_type": _text(exception_type)[:255],
+            "exception_message": _text(exception_message),
+            "traceback": _text(message.traceback or ""),
             "retries": retries,
             "enqueued_at": enqueued_at,
             "status": DeadLetter.Status.DEAD,
         }
-        if connections[router.db_for_write(DeadLetter)].vendor == "postgresql":
+        if not raw:
+            problem = _unstorable(data, "")
+            if problem is not None:
+                fields.update(_as_raw(data))
+                fields["exception_message"] += f"\n(kept as its raw payload: the message {problem})"
+        postgres = connections[router.db_for_write(DeadLetter)].vendor == "postgresql"
+        if postgres:
             # PostgreSQL stores no NUL character, in text or in jsonb: a payload or an
             # argument holding one must not cost the message its dead letter.
             fields = {key: _without_nul(value) for key, value in fields.items()}
-        DeadLetter.objects.update_or_create(message_id=message.message_id, defaults=fields)
+        try:
+            DeadLetter.objects.update_or_create(message_id=message.message_id, defaults=fields)
+        except (DatabaseError, ValueError, RecursionError) as e:
+            if fields["raw_payload"]:
+                raise
+            # What a database refuses that _unstorable did not foresee: the row still
+            # tells the operator what arrived and why it failed.
+            logger.warning(
+                "the dead letter of %s could not be stored as JSON (%s); storing its raw payload",
+                message.message_id,
+                type(e).__name__,
+            )
+            fields.update(_as_raw(data))
+            fields["exception_message"] += f"\n(kept as its raw payload: {type(e).__name__}: {e})"
+            if postgres:
+                fields = {key: _without_nul(value) for key, value in fields.items()}
+            DeadLetter.objects.update_or_create(message_id=message.message_id, defaults=fields)
         message.dead_lettered = True
+
+
+def _text(value: str) -> str:
+    """``value`` without lone surrogates (json reads them from a \\udXXX escape), which no
+    database driver encodes; they are kept as that escape."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unstorable(value: Any, where: str) -> str | None:
+    """What in ``value`` a JSON column cannot hold, or None: a float JSON has no value for
+    (json reads NaN and Infinity, which an older producer may write) or a lone surrogate
+    (which PostgreSQL's jsonb refuses)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"holds {value!r} at {where or 'its top'}"
+    if isinstance(value, str):
+        return None if _text(value) == value else f"holds a lone surrogate at {where or 'its top'}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _text(key) != key:
+                return f"holds a lone surrogate in a key at {where or 'its top'}"
+            problem = _unstorable(item, f"{where}[{key!r}]" if where else str(key))
+            if problem is not None:
+                return problem
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = _unstorable(item, f"{where}[{index}]")
+            if problem is not None:
+                return problem
+    return None
+
+
+def _as_raw(data: dict[str, Any]) -> dict[str, Any]:
+    """The row's JSON columns emptied and the message kept as text: what a malformed
+    payload's row holds (nothing to re-send, which djqueue could not send anyway)."""
+    try:
+        raw = json.dumps(data, default=repr)  # ASCII: every escape and Infinity kept as written
+    except (ValueError, RecursionError):
+        raw = repr(data)
+    return {"message": {}, "raw_payload": _text(raw), "args": [], "kwargs": {}, "options": {}}
 
 
 def _without_nul(value: Any) -> Any:

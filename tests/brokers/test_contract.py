@@ -337,3 +337,54 @@ def test_payloads_no_consumer_can_compute_with_are_dead_lettered_with_json(case,
     assert "'eta'" in reasons and "'priority'" in reasons and "'retries'" in reasons
     assert "nested too deeply" in reasons
     wait_for(lambda: broker.get_queue_stats(queue).dead == len(junk), message="the broker's dead letters")
+
+
+def test_a_dead_letter_keeps_what_no_json_column_holds(case, queue):
+    # json reads Infinity and a lone surrogate's escape, which an older producer writes;
+    # a JSON column stores neither (SQLite refuses the first, PostgreSQL both), no driver
+    # encodes a lone surrogate in text, and an exception's text can carry one too.
+    import uuid
+
+    from djqueue.deadletters import MALFORMED, retry_problem
+
+    broker = case.make()
+    seen = []
+
+    @actor(broker=broker, actor_name="contract_odd_values", queue_name=queue, max_retries=0)
+    def contract_odd_values(*values: object) -> None:
+        seen.append(values)
+        raise ValueError("no \udbff here")
+
+    @actor(broker=broker, actor_name="contract_after_odd", queue_name=queue)
+    def contract_after_odd(n: int) -> None:
+        seen.append(n)
+
+    odd = {str(uuid.uuid4()): args for args in ("[1, Infinity]", '[{"k": "\\udbff"}]', '[{"\\udc00": 0}]')}
+    for message_id, args in odd.items():
+        payload = (
+            f'{{"message_id":"{message_id}","queue_name":"{queue}",'
+            f'"actor_name":"contract_odd_values","args":{args}}}'
+        )
+        broker.enqueue_raw(queue, payload.encode())
+    contract_after_odd.send(1)
+    worker = Worker(broker, queues=[queue], worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(
+            lambda: DeadLetter.objects.filter(message_id__in=odd).count() == len(odd),
+            message="a dead letter row for every odd message",
+        )
+        wait_for(lambda: 1 in seen, message="the good message")
+    finally:
+        worker.stop(timeout=5_000)
+    assert len(seen) == len(odd) + 1, "the odd messages ran once each"
+    rows = {row.message_id: row for row in DeadLetter.objects.filter(message_id__in=odd)}
+    first, second, third = (rows[message_id] for message_id in odd)
+    assert "Infinity" in first.raw_payload and "holds inf at args[1]" in first.exception_message
+    assert "\\udbff" in second.raw_payload and "lone surrogate at args[0]['k']" in second.exception_message
+    assert "\\udc00" in third.raw_payload and "lone surrogate in a key" in third.exception_message
+    for row in rows.values():
+        assert row.exception_type == "ValueError" and "no \\udbff here" in row.exception_message
+        assert row.actor_name == "contract_odd_values" and row.args == [] and row.message == {}
+        assert retry_problem(row, broker) == MALFORMED
+    wait_for(lambda: broker.get_queue_stats(queue).dead == len(odd), message="the broker's dead letters")

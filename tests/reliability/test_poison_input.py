@@ -153,6 +153,8 @@ def one_of_each(queue: str) -> list[Poison]:
         make("missing", encode({"queue_name": queue, "actor_name": "record"})),
         make("unknown_actor", encode(message_dict(queue, actor_name="no_such_actor"))),
         make("arguments", encode(message_dict(queue, args=[1, 2, 3]))),
+        # json writes Infinity; a JSON column stores none: the row keeps the raw payload.
+        make("arguments", encode(message_dict(queue, args=[1, float("inf")]))),
         make("options", encode(message_dict(queue, actor_name=fail, options={"retries": "many"}))),
         make("timestamp", encode(message_dict(queue, actor_name=fail, message_timestamp=2**70))),
         make("oversized", encode(message_dict(queue, args=["x" * (MAX_SIZE + 1)]))),
