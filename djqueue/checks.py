@@ -9,7 +9,7 @@ Ids are stable and documented in docs/settings.md:
 - djqueue.E005 the broker cannot be built (e.g. its client library is missing)
 - djqueue.E006 settings.DJQUEUE is not a dict (so all of it is ignored)
 - djqueue.E007 an amqp:// broker URL names the empty virtual host ('//')
-- djqueue.E010-E019 crontab entries (see scheduling/checks.py)
+- djqueue.E010-E019, W005 crontab entries (see scheduling/checks.py)
 - djqueue.W001 the pickle encoder is in use
 - djqueue.W002 an unknown key in DJQUEUE (a typo?)
 - djqueue.W003 a SQLite database djqueue's workers write to lacks transaction_mode IMMEDIATE

@@ -12,6 +12,7 @@ Each error names the entry (and key) at fault. Ids are stable (docs/scheduling.m
 - djqueue.E017 ``catch_up`` is not ``"latest"`` or ``"skip"``
 - djqueue.E018 ``enabled`` is not True or False
 - djqueue.E019 the broker refuses the entry's ``queue_name``, so no worker would consume it
+- djqueue.W005 ``schedule`` has a sixth field of ``*``: it fires every second
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from django.core.checks import Error, Tags, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from .. import conf
 from .crontab import describe_key, entry_problems
@@ -40,16 +41,17 @@ IDS = {
 }
 
 QUEUE_REFUSED = "djqueue.E019"
+EVERY_SECOND = "djqueue.W005"
 
 
 @register(Tags.compatibility)
-def check_crontabs(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+def check_crontabs(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     crontabs = conf.get("CRONTABS")
     if not isinstance(crontabs, Mapping):
         return []  # djqueue.E004 reports it
     from .scheduler import default_timezone
 
-    errors = []
+    errors: list[CheckMessage] = []
     for name, value in crontabs.items():
         problems = entry_problems(name, value, default_timezone=default_timezone())
         for key, message, hint in problems:
@@ -58,7 +60,26 @@ def check_crontabs(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             errors += _check_actor(name, value)
         if not any(p.key in ("name", "entry", "queue_name") for p in problems):
             errors += _check_queue(name, value)
+        if not any(p.key in ("name", "entry", "schedule") for p in problems):
+            errors += _check_seconds(name, value)
     return errors
+
+
+def _check_seconds(name: str, value: Mapping[str, Any]) -> list[CheckMessage]:
+    """croniter reads a sixth field as seconds, last; Quartz, node-cron and APScheduler
+    read it first, so ``*/10 * * * * *`` (every 10 s there) fires every second here."""
+    fields = value["schedule"].split()
+    if len(fields) != 6 or fields[5] != "*":
+        return []
+    return [
+        Warning(
+            f"{describe_key(name, 'schedule')} {value['schedule']!r} fires every second: a sixth "
+            "field is the seconds, and it comes last.",
+            hint=f"For seconds first, as Quartz writes them, move them last "
+            f"({' '.join([*fields[1:], fields[0]])!r}); for every second write '*/1' there.",
+            id=EVERY_SECOND,
+        )
+    ]
 
 
 def _check_queue(name: str, value: Mapping[str, Any]) -> list[Error]:

@@ -1,4 +1,4 @@
-"""System checks djqueue.E010-E018 on DJQUEUE["CRONTABS"]."""
+"""System checks djqueue.E010-E019 and W005 on DJQUEUE["CRONTABS"]."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from django.core import checks
 from django.test import override_settings
 
 from djqueue.scheduling.checks import check_crontabs
@@ -48,6 +49,23 @@ def test_a_bad_entry_is_reported_with_its_id_and_name(entry, expected, fragment)
     assert "DJQUEUE['CRONTABS']['job']" in errors[0].msg
     assert fragment in errors[0].msg
     assert errors[0].hint
+
+
+@pytest.mark.parametrize("schedule", ["*/10 * * * * *", "0 9 * * 1 *"])
+def test_a_sixth_field_of_star_is_warned_about(schedule):
+    # Seconds last, as croniter reads them: every second of each minute that matches.
+    (warning,) = run_checks({"job": {**GOOD, "schedule": schedule}})
+    assert (warning.id, warning.level) == ("djqueue.W005", checks.WARNING)
+    assert f"['job']['schedule'] {schedule!r} fires every second" in warning.msg
+    seconds_last = " ".join([*schedule.split()[1:], schedule.split()[0]])
+    assert repr(seconds_last) in warning.hint
+
+
+@pytest.mark.parametrize(
+    "schedule", ["* * * * * */10", "* * * * * */1", "0 0 * * * 0", "@hourly", "* * * * *"]
+)
+def test_seconds_given_last_pass(schedule):
+    assert run_checks({"job": {**GOOD, "schedule": schedule}}) == []
 
 
 def test_a_bad_name_is_reported():

@@ -177,7 +177,7 @@ def test_the_supervised_scheduler_process(monkeypatch):
     import signal
 
     name = f"supervised-{uuid.uuid4().hex[:6]}"
-    crontabs = {name: {"actor": "sched.tick", "schedule": "* * * * * *", "queue_name": "supervised"}}
+    crontabs = {name: {"actor": "sched.tick", "schedule": "* * * * * */1", "queue_name": "supervised"}}
     with scheduler_process(monkeypatch, crontabs) as process:
         wait_for(lambda: len(runs("default", name)) >= 2, timeout=60, message="ticks from the child process")
         os.kill(process.pid, signal.SIGTERM)
