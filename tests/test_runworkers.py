@@ -15,7 +15,7 @@ from django.db import connections, transaction
 from djqueue.brokers import broker_from_url
 from djqueue.message import Message
 from djqueue.models import DeadLetter
-from tests.process import ROOT, read_records, wait_for
+from tests.process import ROOT, read_records, run_django, wait_for
 from tests.testapp.tasks import always_fail, flaky, record, slow_record
 
 pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
@@ -422,3 +422,28 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize(
+    ("broker_url", "tables"),
+    [
+        ("db://default", "djqueue_deadletter, djqueue_queuedmessage, djqueue_throughputminute"),
+        ("redis://127.0.0.1:6379/15", "djqueue_deadletter, djqueue_throughputminute, djqueue_worker"),
+    ],
+    ids=["database-broker", "redis"],
+)
+@pytest.mark.parametrize("command", ["runworkers", "runscheduler"])
+def test_without_migrate_the_commands_stop_and_say_so(broker_url, tables, command, tmp_path):
+    # A fresh project's first mistake: workers would only repeat "no such table" forever.
+    result = run_django(
+        command, DJQUEUE_TEST_SQLITE=str(tmp_path / "never-migrated.sqlite3"), DJQUEUE_BROKER_URL=broker_url
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    if command == "runworkers":
+        assert f"database 'default' has no table {tables}" in result.stderr
+    else:
+        assert "database 'default' has no table djqueue_" in result.stderr
+        assert ("djqueue_queuedmessage" in result.stderr) == broker_url.startswith("db://")
+        assert "djqueue_schedulerun" in result.stderr
+    assert "Run `python manage.py migrate` first." in result.stderr
+    assert "Traceback" not in result.stderr and "started" not in result.stdout

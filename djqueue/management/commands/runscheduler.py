@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from djqueue import __version__
 from djqueue.errors import ActorNotFound, ConfigurationError
+from djqueue.management.tables import missing_tables
 from djqueue.scheduling import checks as _checks  # noqa: F401 - the crontab checks run before handle()
 from djqueue.scheduling.scheduler import Scheduler, format_listing, install_signal_handlers, load_entries
 from djqueue.supervisor import configure_logging
@@ -35,6 +36,9 @@ class Command(BaseCommand):
             scheduler = Scheduler(entries)
         except (ConfigurationError, ActorNotFound) as e:
             raise CommandError(str(e)) from None
+        problem = missing_tables(scheduler.broker, ("ScheduleRun",))
+        if problem is not None:
+            raise CommandError(problem)
         stop = threading.Event()
         install_signal_handlers(stop)
         self.stdout.write(

@@ -11,6 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 from djqueue import __version__, conf
 from djqueue.brokers import get_broker
 from djqueue.errors import ConfigurationError, ConnectionError
+from djqueue.management.tables import WORKER_MODELS, missing_tables
 from djqueue.supervisor import Supervisor, WorkerConfig, configure_logging
 
 if TYPE_CHECKING:
@@ -102,6 +103,9 @@ class Command(BaseCommand):
                 "no queues to consume: no @actor was found. Define actors in your apps' "
                 f"{conf.get('TASKS_MODULE')}.py modules or pass --queues."
             )
+        problem = missing_tables(broker, WORKER_MODELS + (("ScheduleRun",) if options["scheduler"] else ()))
+        if problem is not None:
+            raise CommandError(problem)
         for queue_name in sorted(queues or declared):
             # Before any worker starts: a queue the broker refuses stops the command here.
             try:
