@@ -38,6 +38,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -69,6 +70,11 @@ SWEEP_INTERVAL = 0.25  # s between checks of idle threads' unconfirmed messages
 QUEUE_TYPES = ("classic", "quorum")
 
 _live_brokers: weakref.WeakSet[RabbitmqBroker] = weakref.WeakSet()
+
+
+# Queues of this broker's own beside each queue q: q.DQ, q.RQ, q.XQ.0 ... (module doc).
+_COMPANION = re.compile(r"^(?P<queue>.+)(?P<suffix>\.DQ|\.RQ|\.XQ\.[0-9]+)$")
+_COMPANIONS = {".DQ": "dead letters", ".RQ": "redelivered messages", ".XQ": "delayed messages"}
 
 
 def dead_letter_queue(queue_name: str) -> str:
@@ -355,8 +361,16 @@ class RabbitmqBroker(Broker):
         channel.queue_bind(queue_name, delay_exchange(0), routing_key=_bit_pattern(0, "0", queue_name))
 
     def _declare_queue(self, queue_name: str) -> None:
-        # Nothing yet: actors declare their queues at import time (see the module's doc).
-        pass
+        # Nothing on RabbitMQ yet: actors declare their queues at import time (see the
+        # module's doc). A name this broker gives another queue's companion would be
+        # declared with the wrong arguments, or consume that queue's dead letters.
+        match = _COMPANION.match(queue_name)
+        if match is not None:
+            raise ConfigurationError(
+                f"invalid queue name {queue_name!r}: the RabbitMQ broker keeps the "
+                f"{_COMPANIONS[match['suffix'][:3]]} of queue {match['queue']!r} in a queue of that name; "
+                "use a name that does not end in '.DQ', '.RQ' or '.XQ.<number>'"
+            )
 
     def ensure_queue(self, queue_name: str) -> None:
         """Declare the queue on RabbitMQ now, if this process has not yet. Raises

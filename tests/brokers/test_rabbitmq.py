@@ -534,6 +534,23 @@ def test_changed_queue_arguments_raise_a_clear_error(make_broker, queue):
         changed.enqueue(message(queue, 1))
 
 
+@pytest.mark.parametrize(
+    ("suffix", "holds"),
+    [(".DQ", "dead letters"), (".RQ", "redelivered messages"), (".XQ.3", "delayed messages")],
+)
+def test_a_queue_named_like_another_queues_companion_is_refused(make_broker, queue, suffix, holds):
+    # An actor on q.DQ would consume q's dead letters (and be declared with their TTL).
+    broker = make_broker()
+    refused = rf"keeps the {holds} of queue '{queue}' in a queue of that name"
+    with pytest.raises(ConfigurationError, match=refused):
+
+        @actor(broker=broker, queue_name=queue + suffix)
+        def companion() -> None: ...
+
+    assert broker.get_declared_queues() == set()
+    broker.declare_queue(f"{queue}{suffix}x")  # only the exact suffix is the broker's
+
+
 def test_classic_queues_are_lazy_unless_turned_off(make_broker, queue):
     broker = make_broker()
     broker.enqueue(message(queue, 1), delay=60_000)  # declares the delay levels too
