@@ -118,6 +118,14 @@ class Actor(Generic[P, R]):
                 validate_queue_name(queue_name)
             priority = options.pop("priority", priority)
             given = options.keys() & self.broker.actor_options
+            actor_only = frozenset().union(*(m.actor_only_options for m in self.broker.middleware))
+            fixed = sorted(name for name in given & actor_only if options[name] is not None)
+            if fixed:
+                raise ConfigurationError(
+                    f"{', '.join(fixed)} cannot be given per message for actor {self.actor_name}: "
+                    f"set {'them' if len(fixed) > 1 else 'it'} on the actor (@actor({fixed[0]}=...)), "
+                    "which the worker reads"
+                )
             if given:
                 # As a worker reads them: the message's value, else (None too) the actor's.
                 merged = {**self.options, **{k: v for k, v in options.items() if v is not None}}

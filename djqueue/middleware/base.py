@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 class Middleware:
     actor_options: frozenset[str] = frozenset()
+    # Those of actor_options a message cannot override: read from the actor alone (a
+    # function or an exception class does not travel as JSON).
+    actor_only_options: frozenset[str] = frozenset()
 
     def validate_actor_options(self, actor_name: str, options: Mapping[str, Any]) -> None:
         """Raise ConfigurationError if the value of an option this middleware declares is

@@ -44,6 +44,7 @@ class Retries(Middleware):
     """
 
     actor_options = frozenset({"max_retries", "min_backoff", "max_backoff", "retry_when", "throws"})
+    actor_only_options = frozenset({"retry_when", "throws"})
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ class ShutdownNotifications(Middleware):
     """Actor option ``notify_shutdown``: True or False (None: the default, False)."""
 
     actor_options = frozenset({"notify_shutdown"})
+    actor_only_options = frozenset({"notify_shutdown"})
 
     def __init__(self, *, notify_shutdown: bool = False) -> None:
         self.notify_shutdown = notify_shutdown

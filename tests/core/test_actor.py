@@ -246,6 +246,24 @@ def test_send_with_options_checks_the_values_it_overrides(stub_broker):
     assert overridden.send_with_options(max_retries=0, min_backoff=1_000, time_limit=0) is not None
 
 
+def test_options_read_from_the_actor_alone_are_refused_per_message(stub_broker):
+    # The worker never reads these from a message: sending one would silently not apply.
+    @actor(broker=stub_broker, actor_name="fixed", throws=KeyError)
+    def fixed() -> None: ...
+
+    for options, names in [
+        ({"throws": ValueError}, "throws"),
+        ({"retry_when": lambda retries, exception: True, "throws": (ValueError,)}, "retry_when, throws"),
+        ({"notify_shutdown": True}, "notify_shutdown"),
+    ]:
+        first = names.split(",")[0]
+        refused = rf"^{names} cannot be given per message for actor fixed: .*\(@actor\({first}=\.\.\.\)\)"
+        with pytest.raises(ConfigurationError, match=refused):
+            fixed.send_with_options(**options)
+    assert stub_broker.get_queue_stats("default").ready == 0
+    assert fixed.send_with_options(throws=None, notify_shutdown=None) is not None  # the actor's
+
+
 def test_a_positional_actor_name_is_a_clear_type_error(stub_broker):
     with pytest.raises(TypeError, match=r"to name the actor write @actor\(actor_name='shop.send'\)"):
 
