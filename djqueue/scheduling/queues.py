@@ -9,6 +9,11 @@ once the tasks modules are imported, when ``CRONTABS`` is set. Declaring
 goes through ``Broker.declare_queue()`` like an actor's queue, so RabbitMQ creates the
 queue with the same arguments when a worker first uses it.
 
+An entry may name its actor by a dotted path into a module that is no tasks module, which
+autodiscovery would not import: ``declare_at_startup()`` imports it too, so that every
+worker process knows the actor (and consumes its queue), not only the processes that
+happened to run the checks or the scheduler.
+
 Declaring makes no connection: it is safe at start-up, when the broker may be down.
 """
 
@@ -67,13 +72,34 @@ def declare_crontab_queues(broker: Broker | None = None, crontabs: Any = None) -
     return refused
 
 
+def import_crontab_actors(broker: Broker, crontabs: Any) -> None:
+    """Import the actor of every entry of ``crontabs`` that names one by dotted path; an
+    entry whose actor cannot be found is left for djqueue.E013 to report."""
+    from .scheduler import resolve_actor
+
+    if not isinstance(crontabs, Mapping):
+        return
+    for value in crontabs.values():
+        actor_name = value.get("actor") if isinstance(value, Mapping) else None
+        if not isinstance(actor_name, str) or "." not in actor_name or broker.get_actor(actor_name):
+            continue
+        try:
+            resolve_actor(actor_name, broker)
+        except Exception as e:  # whatever the module raises: the checks report it
+            logger.debug("crontab actor %r not imported: %s", actor_name, e)
+
+
 def declare_at_startup() -> None:
-    """``declare_crontab_queues()`` for ``DjqueueConfig.ready()``; never raises.
+    """``import_crontab_actors()`` and ``declare_crontab_queues()`` for
+    ``DjqueueConfig.ready()``; never raises.
 
     A broker that cannot be built is left for ``ready()`` to record and for the
     djqueue.E00x checks to report; a refused queue is reported by djqueue.E019.
     """
+    from ..brokers import get_broker
+
     try:
+        import_crontab_actors(get_broker(), conf.get("CRONTABS"))
         refused = declare_crontab_queues()
     except Exception as e:
         logger.debug("crontab queues not declared: %s", e)

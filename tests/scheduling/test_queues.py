@@ -94,3 +94,27 @@ def test_a_queue_the_broker_refuses_fails_the_check():
         assert "no worker would consume it: queue 'mon' does not start with 'jobs.'" in errors[0].msg
         assert errors[0].hint
         assert "jobs.mon" in broker.get_declared_queues()
+
+
+def test_an_actor_named_by_a_dotted_path_outside_tasks_modules_is_known_to_every_process():
+    # Autodiscovery imports tasks modules only; without this, a worker process started
+    # without the checks (spawned, or --skip-checks) dead-lettered every tick as an
+    # unknown actor, and runworkers without --queues did not consume its queue.
+    path = "tests.scheduling.schedapp.jobs.cleanup"
+    crontabs = {"cleanup": {"actor": path, "schedule": "@daily"}}
+    code = (
+        "import json; from djqueue import get_broker; b = get_broker(); "
+        f"print(json.dumps([b.get_actor({path!r}) is not None, sorted(b.get_declared_queues())]))"
+    )
+    # shell runs no system checks: only start-up imports the module.
+    result = run_django(
+        "shell",
+        "-c",
+        code,
+        settings="tests.scheduling.settings",
+        DJQUEUE_TEST_CRONTABS=json.dumps(crontabs),
+        DJQUEUE_BROKER_URL=None,
+    )
+    assert result.returncode == 0, result.stderr
+    known, declared = json.loads(result.stdout.strip().splitlines()[-1])
+    assert known and "cleanup" in declared
