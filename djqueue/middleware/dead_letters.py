@@ -70,7 +70,10 @@ class DeadLetters(Middleware):
             "status": DeadLetter.Status.DEAD,
         }
         if not raw:
-            problem = _unstorable(data, "")
+            try:
+                problem = _unstorable(data, "")
+            except RecursionError:  # json reads deeper nesting than Python recurses in a thread
+                problem = "is nested too deeply to store as JSON"
             if problem is not None:
                 fields.update(_as_raw(data))
                 fields["exception_message"] += f"\n(kept as its raw payload: the message {problem})"
@@ -136,7 +139,10 @@ def _as_raw(data: dict[str, Any]) -> dict[str, Any]:
     try:
         raw = json.dumps(data, default=repr)  # ASCII: every escape and Infinity kept as written
     except (ValueError, RecursionError):
-        raw = repr(data)
+        try:
+            raw = repr(data)
+        except RecursionError:
+            raw = "(the message is nested too deeply to show)"
     return {"message": {}, "raw_payload": _text(raw), "args": [], "kwargs": {}, "options": {}}
 
 
