@@ -7,7 +7,6 @@ import logging
 import os
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from djqueue.brokers.rabbitmq_consumer import ack_frame
 from djqueue.brokers.rabbitmq_publisher import MAX_REFUSALS, Pending
 from djqueue.errors import ConfigurationError, ConnectionError, DecodeError
 from djqueue.message import Message, current_millis
-from tests.process import ROOT, wait_for
+from tests.process import run_django, wait_for
 from tests.relay import Relay
 
 RABBITMQ_PORT = 5672  # the relays' target: the plain port on 127.0.0.1
@@ -609,19 +608,7 @@ def test_defining_actors_needs_no_rabbitmq_and_a_send_says_it_is_down(make_broke
 
 def test_a_django_project_starts_while_rabbitmq_is_down():
     # Its actors are defined (tests.testapp.tasks) when Django starts, in every process.
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DJQUEUE_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/%2F",
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "django", "check"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_django("check", DJQUEUE_BROKER_URL="amqp://guest:guest@127.0.0.1:1/%2F")
     assert done.returncode == 0, done.stderr
 
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from django.core import checks
 from django.test import override_settings
 
 from djqueue.scheduling.checks import check_crontabs
-from tests.process import ROOT
+from tests.process import run_django
 
 GOOD = {"actor": "record", "schedule": "*/5 * * * *"}
 
@@ -95,17 +92,9 @@ def test_good_entries_pass():
 
 def test_manage_py_check_fails_for_a_bad_entry():
     # A fresh process: the checks must be registered by djqueue itself.
-    env = {
-        **os.environ,
-        "DJQUEUE_TEST_CRONTABS": json.dumps({"nightly": {"actor": "sched.tick", "schedule": "30 25 * * *"}}),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "check", "--settings=tests.scheduling.settings"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    crontabs = {"nightly": {"actor": "sched.tick", "schedule": "30 25 * * *"}}
+    result = run_django(
+        "check", settings="tests.scheduling.settings", DJQUEUE_TEST_CRONTABS=json.dumps(crontabs)
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "djqueue.E012" in result.stderr

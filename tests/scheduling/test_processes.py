@@ -19,7 +19,7 @@ import pytest
 
 from djqueue.models import QueuedMessage, ScheduleRun
 from djqueue.scheduling.crontab import Schedule
-from tests.process import ROOT, rabbitmq_vhost_url, read_records, run_django, start_workers, wait_for
+from tests.process import rabbitmq_vhost_url, read_records, run_django, start_workers, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True, databases=["default", "postgres"]), pytest.mark.slow]
 
@@ -197,14 +197,8 @@ def test_a_scheduler_whose_supervisor_died_while_it_booted_stops(monkeypatch):
 
 def test_runscheduler_list_in_a_process():
     crontabs = {"nightly": {"actor": "sched.tick", "schedule": "30 2 * * *", "timezone": "America/New_York"}}
-    result = subprocess.run(
-        [sys.executable, "-m", "django", "runscheduler", "--list", "--settings=tests.scheduling.settings"],
-        cwd=ROOT,
-        env={**os.environ, "DJQUEUE_TEST_CRONTABS": json.dumps(crontabs)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    environment = {"DJQUEUE_TEST_CRONTABS": json.dumps(crontabs)}
+    result = run_django("runscheduler", "--list", settings="tests.scheduling.settings", **environment)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "nightly: sched.tick | 30 2 * * * | America/New_York | catch_up=latest"
