@@ -30,7 +30,7 @@ from pika import spec
 
 from ..errors import BrokerError, ConnectionError, DecodeError
 from ..message import Message
-from .base import _guess_message_id
+from .base import MessageProxy, _guess_message_id
 
 if TYPE_CHECKING:
     from .rabbitmq import RabbitmqBroker
@@ -410,13 +410,19 @@ class Publisher(AmqpClient):
         while returned:
             entry = returned[0]
             if entry.returns > 2:
-                logger.error(
-                    "RabbitMQ cannot route a message for %r (exchange %r); dropped after %d tries",
-                    entry.queue_name,
-                    entry.exchange.decode(),
-                    entry.returns,
-                )
                 returned.pop(0)
+                reason = (
+                    f"RabbitMQ returned it as unroutable {entry.returns} times, its queue "
+                    f"{entry.queue_name!r} declared again each time (exchange {entry.exchange.decode()!r}, "
+                    f"routing key {entry.routing_key.decode()!r})"
+                )
+                kept = self._dead_letter(entry, reason)
+                logger.error(
+                    "cannot publish message %s: %s; %s",
+                    _message_id(entry.body),
+                    reason,
+                    "dead-lettered (a DeadLetter row)" if kept else "dropped",
+                )
                 continue
             try:
                 self.broker._redeclare(entry.queue_name)
@@ -448,12 +454,31 @@ class Publisher(AmqpClient):
             return
         self.outbox.remove(refused)
         self.probing, self.probe, self.refusals = False, None, 0
+        reason = f"RabbitMQ refused it {MAX_REFUSALS} times ({error})"
+        kept = self._dead_letter(refused, reason)
         text = (
             f"RabbitMQ refused message {_message_id(refused.body)} for {refused.queue_name!r} "
-            f"{MAX_REFUSALS} times ({error}); it was dropped"
+            f"{MAX_REFUSALS} times ({error}); "
+            + ("it was dead-lettered (a DeadLetter row)" if kept else "it was dropped")
         )
         logger.error("%s", text)
         raise ConnectionError(self._failure(text))
+
+    def _dead_letter(self, entry: Pending, reason: str) -> bool:
+        """Hand a message this thread gives up publishing to the broker's dead-letter hooks,
+        as a worker does with a message that failed for good, so that it is not lost with
+        it (the DeadLetters middleware stores its row). Whether a hook kept it."""
+        try:
+            proxy = MessageProxy(Message.decode(entry.body), data=entry.body)
+        except DecodeError as e:  # a body of enqueue_raw's
+            proxy = MessageProxy.malformed(entry.body, e, entry.queue_name)
+        proxy.fail(reason)
+        try:
+            self.broker.emit_before("nack", proxy)
+        except Exception:
+            logger.exception("could not dead-letter message %s", proxy.message_id)
+            return False
+        return proxy.dead_lettered
 
     def _drop(self, reason: str) -> None:
         """Forget the connection; its unconfirmed messages go first in the outbox."""

@@ -31,6 +31,8 @@ from djqueue.brokers.rabbitmq_consumer import ack_frame
 from djqueue.brokers.rabbitmq_publisher import MAX_REFUSALS, Pending
 from djqueue.errors import ConfigurationError, ConnectionError, DecodeError
 from djqueue.message import Message, current_millis
+from djqueue.middleware.dead_letters import DeadLetters
+from djqueue.models import DeadLetter
 from tests.process import run_django, wait_for
 from tests.relay import Relay
 
@@ -658,6 +660,36 @@ def test_a_message_rabbitmq_always_refuses_is_dropped_and_the_thread_publishes_o
     while not expected <= got:
         got.add(take(consumer).message_id)
     consumer.close()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("failure", ["returned", "refused"])
+def test_a_message_the_publisher_gives_up_on_is_dead_lettered(make_broker, queue, monkeypatch, failure):
+    # Dropped by the publisher, it would be lost although its send() returned: it gets
+    # its DeadLetter row, as a message that failed for good in a worker does.
+    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    given_up = message(queue, failure)
+    publisher = broker._publisher()
+    if failure == "returned":
+        # Its queue is deleted, and declaring it again does nothing: returned every time.
+        monkeypatch.setattr(broker, "_redeclare", lambda queue_name: None)
+        connection, channel = raw_channel()
+        channel.queue_delete(queue)
+        connection.close()
+        broker.enqueue(given_up)
+        wait_for(lambda: not publisher.waiting(), message="the publisher to give up")
+        expected = "returned it as unroutable 3 times"
+    else:
+        with publisher.lock:
+            exchange = b"djqueue.no-such-exchange"
+            publisher.publish([Pending(queue, exchange, queue.encode(), given_up.encode(), 0)], 1000)
+            with pytest.raises(ConnectionError, match="it was dead-lettered"):
+                publisher.publish([], 1)
+        expected = f"refused it {MAX_REFUSALS} times"
+    row = DeadLetter.objects.get(message_id=given_up.message_id)
+    assert expected in row.exception_message and row.args == [failure]
+    assert (row.actor_name, row.queue_name) == ("record", queue)
 
 
 def test_unreachable_broker_raises_connection_error(make_broker, queue):
