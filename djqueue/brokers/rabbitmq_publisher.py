@@ -474,6 +474,8 @@ class Publisher(AmqpClient):
             proxy = MessageProxy.malformed(entry.body, e, entry.queue_name)
         proxy.fail(reason)
         try:
+            # The before-hooks only: they store rows, where an after-hook may send (an
+            # on_failure callback), which under this thread's publisher lock would hang.
             self.broker.emit_before("nack", proxy)
         except Exception:
             logger.exception("could not dead-letter message %s", proxy.message_id)
