@@ -53,7 +53,10 @@ def test_arguments_nested_deeper_than_python_recurses_still_get_a_row(stub_broke
     # already some frames down, cannot walk it again, nor can the JSON column's encoder.
     row = dead_letter(stub_broker, database, nested(sys.getrecursionlimit() + 50))
     assert row.args == [] and row.message == {}
-    assert row.raw_payload == "(the message is nested too deeply to show)"
+    # As text if json can still write it (Python 3.12's has a deeper limit of its own).
+    assert row.raw_payload == "(the message is nested too deeply to show)" or row.raw_payload.startswith(
+        '{"queue_name": "default", "actor_name": "record", "args": [[[[['
+    )
     assert "kept as its raw payload: the message is nested too deeply" in row.exception_message
     assert "given up" in row.exception_message
 
