@@ -20,6 +20,23 @@ from tests.process import run_django
 EVERY_MINUTE = "* * * * *"
 
 
+def at_start_up(crontabs: dict, expression: str) -> object:
+    """``expression`` (JSON; ``broker`` is the current broker) in a fresh ``shell`` process
+    with ``crontabs`` and the stub broker: what Django's start-up alone has done."""
+    code = "import json; from djqueue import get_broker; broker = get_broker(); "
+    code += f"print(json.dumps({expression}))"
+    result = run_django(
+        "shell",
+        "-c",
+        code,
+        settings="tests.scheduling.settings",
+        DJQUEUE_TEST_CRONTABS=json.dumps(crontabs),
+        DJQUEUE_BROKER_URL=None,  # the stub broker
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_the_queue_names_of_the_entries():
     crontabs = {
         "b": {"actor": "record", "schedule": EVERY_MINUTE, "queue_name": "monitoring"},
@@ -40,20 +57,7 @@ def test_every_process_declares_the_crontab_queues_at_start_up():
     # What runworkers (supervisor and worker processes), queuestats, the metrics and the
     # admin dashboard ask for "the project's queues": the broker's declared queues.
     crontabs = {"mon": {"actor": "sched.tick", "schedule": EVERY_MINUTE, "queue_name": "monitoring"}}
-    code = (
-        "import json; from djqueue import get_broker; "
-        "print(json.dumps(sorted(get_broker().get_declared_queues())))"
-    )
-    result = run_django(
-        "shell",
-        "-c",
-        code,
-        settings="tests.scheduling.settings",
-        DJQUEUE_TEST_CRONTABS=json.dumps(crontabs),
-        DJQUEUE_BROKER_URL=None,  # the stub broker
-    )
-    assert result.returncode == 0, result.stderr
-    declared = json.loads(result.stdout.strip().splitlines()[-1])
+    declared = at_start_up(crontabs, "sorted(broker.get_declared_queues())")
     assert "monitoring" in declared
     assert "default" in declared, "with the actors' queues"
 
@@ -102,19 +106,8 @@ def test_an_actor_named_by_a_dotted_path_outside_tasks_modules_is_known_to_every
     # unknown actor, and runworkers without --queues did not consume its queue.
     path = "tests.scheduling.schedapp.jobs.cleanup"
     crontabs = {"cleanup": {"actor": path, "schedule": "@daily"}}
-    code = (
-        "import json; from djqueue import get_broker; b = get_broker(); "
-        f"print(json.dumps([b.get_actor({path!r}) is not None, sorted(b.get_declared_queues())]))"
-    )
     # shell runs no system checks: only start-up imports the module.
-    result = run_django(
-        "shell",
-        "-c",
-        code,
-        settings="tests.scheduling.settings",
-        DJQUEUE_TEST_CRONTABS=json.dumps(crontabs),
-        DJQUEUE_BROKER_URL=None,
+    known, declared = at_start_up(
+        crontabs, f"[broker.get_actor({path!r}) is not None, sorted(broker.get_declared_queues())]"
     )
-    assert result.returncode == 0, result.stderr
-    known, declared = json.loads(result.stdout.strip().splitlines()[-1])
     assert known and "cleanup" in declared
