@@ -118,8 +118,7 @@ class Actor(Generic[P, R]):
                 validate_queue_name(queue_name)
             priority = options.pop("priority", priority)
             given = options.keys() & self.broker.actor_options
-            actor_only = frozenset().union(*(m.actor_only_options for m in self.broker.middleware))
-            fixed = sorted(name for name in given & actor_only if options[name] is not None)
+            fixed = sorted(n for n in given & self.broker.actor_only_options if options[n] is not None)
             if fixed:
                 raise ConfigurationError(
                     f"{', '.join(fixed)} cannot be given per message for actor {self.actor_name}: "

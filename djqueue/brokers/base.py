@@ -243,6 +243,7 @@ class Broker:
         self._hooks: dict[str, list[Any]] = {name: [] for name in HOOKS}
         # Computed once per middleware change: every send validates options against it.
         self._actor_options: frozenset[str] = frozenset()
+        self._actor_only_options: frozenset[str] = frozenset()
         if middleware is None:
             from ..middleware import default_middleware
 
@@ -277,6 +278,7 @@ class Broker:
         from ..middleware.base import Middleware
 
         self._actor_options = frozenset().union(*(m.actor_options for m in self.middleware))
+        self._actor_only_options = frozenset().union(*(m.actor_only_options for m in self.middleware))
         # Only overridden hooks are called: the hot path never pays for no-op methods.
         for name in HOOKS:
             base = getattr(Middleware, name)
@@ -291,6 +293,11 @@ class Broker:
     def actor_options(self) -> frozenset[str]:
         """Every option some middleware declares; kept up to date by add_middleware."""
         return self._actor_options
+
+    @property
+    def actor_only_options(self) -> frozenset[str]:
+        """Those of actor_options a message cannot override; kept up to date likewise."""
+        return self._actor_only_options
 
     def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
         """Run every middleware's before_<signal>; an exception propagates to the caller."""
