@@ -160,18 +160,18 @@ class RedisBroker(Broker):
 
     # -- calling Redis --------------------------------------------------------------
 
-    def run(self, script: str, args: list[Any], *, retry: bool = False) -> Any:
+    def run(self, script: str, args: list[Any], *, retry: bool = False, spin: bool = False) -> Any:
         """Run one of the scripts; ``retry`` once on a lost connection, for calls that
-        are safe to repeat."""
+        are safe to repeat; ``spin`` for a send's (see redis_runner.py)."""
         try:
-            return self.runner.run(script, args)
+            return self.runner.run(script, args, spin=spin)
         except Exception as e:
             error = self._translate(e)
             if error is None:
                 raise
             if not (retry and isinstance(error, ConnectionError)):
                 raise error from e
-        return self.call(self.runner.run, script, args)
+        return self.call(self.runner.run, script, args, spin=spin)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call redis-py, turning its errors into djqueue errors."""
@@ -208,7 +208,7 @@ class RedisBroker(Broker):
         return message.message_id, data, priority or 0, int(options.get("eta") or 0)
 
     def _enqueue(self, message: Message, data: bytes) -> None:
-        self.run("enqueue", [message.queue_name, *self._fields(message, data)], retry=True)
+        self.run("enqueue", [message.queue_name, *self._fields(message, data)], retry=True, spin=True)
 
     def _enqueue_many(self, prepared: list[tuple[Message, bytes]]) -> None:
         if len(prepared) == 1:
@@ -239,7 +239,7 @@ class RedisBroker(Broker):
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         self.declare_queue(queue_name)
-        self.run("enqueue", [queue_name, "", data, 0, 0], retry=True)
+        self.run("enqueue", [queue_name, "", data, 0, 0], retry=True, spin=True)
 
     # -- consuming and inspecting -----------------------------------------------------
 

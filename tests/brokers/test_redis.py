@@ -741,6 +741,52 @@ def test_a_forked_child_uses_connections_of_its_own(make_broker, queue):
 # -- end to end --------------------------------------------------------------------------------
 
 
+def test_a_send_sleeps_on_a_slow_reply_and_the_next_sends_do_not_poll(make_broker, queue, private_redis):
+    """A send polls its socket for the reply for up to SPIN, then sleeps on it. A reply
+    slower than that makes the next sends sleep straight away, twice as many after each
+    further slow one, and quick replies bring the polling back."""
+    url, _, _ = private_redis
+    broker = make_broker(url)
+    runner = broker.runner
+    server = redis.Redis.from_url(url)
+    server.config_set("appendfsync", "no")  # replies as quick as the shared server's
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        broker.enqueue(make_message(queue, sent))
+        sent += 1
+
+    def slow_send() -> float:
+        server.client_pause(100)  # every client's next command waits 100 ms
+        started = time.monotonic()
+        send()
+        return time.monotonic() - started
+
+    send()  # connects
+    while runner.spin_skip:  # a quick reply that was late, on a busy machine
+        send()
+    low, high = redis_runner.SPIN_SKIP
+    backoff = runner.spin_backoff
+    assert slow_send() >= 0.08  # the send returned with Redis's reply, not before
+    assert (runner.spin_skip, runner.spin_backoff) == (backoff, min(2 * backoff, high))
+    while runner.spin_skip:
+        send()
+    backoff = runner.spin_backoff
+    assert slow_send() >= 0.08
+    assert (runner.spin_skip, runner.spin_backoff) == (backoff, min(2 * backoff, high))
+
+    def polling_again() -> bool:
+        send()
+        return (runner.spin_skip, runner.spin_backoff) == (0, low)
+
+    wait_for(polling_again, timeout=30, interval=0, message="a quick reply caught by polling")
+    server.close()
+    consumer = broker.consume(queue, prefetch=sent, timeout=100)
+    assert [take(consumer).message.args[0] for _ in range(sent)] == list(range(sent))
+    consumer.close()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_worker_end_to_end_with_1500_messages(make_broker, queue):
     broker = make_broker(middleware=None)  # the default stack, DeadLetters included
