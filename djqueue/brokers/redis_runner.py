@@ -82,6 +82,17 @@ def pack_four(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
 _PACK_FOUR = b"$%d\r\n%b\r\n" * 4
 
 
+def _poller(sock: Any) -> Any:
+    """A zero-timeout readiness check for ``sock``, or None where polling must not be
+    done: no socket yet, or one of gevent's or eventlet's, whose loop a send that polls
+    would hold up (under their monkey-patching, ``select.poll`` may be gone too)."""
+    if sock is None or type(sock).__module__ not in ("socket", "ssl") or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return poller.poll
+
+
 class ScriptRunner:
     """Runs named scripts; ``prefix`` is passed as every script's first argument."""
 
@@ -170,14 +181,13 @@ class ScriptRunner:
             self.spin_skip -= 1
             return
         sock = getattr(connection, "_sock", None)
-        if sock is None:
-            return
         poller = getattr(connection, "_djqueue_poller", None)
         if poller is None or poller[0] is not sock:
-            poller = (sock, select.poll())
-            poller[1].register(sock, select.POLLIN)
+            poller = (sock, _poller(sock))
             connection._djqueue_poller = poller
-        poll = poller[1].poll
+        if poller[1] is None:
+            return
+        poll = poller[1]
         clock = time.perf_counter
         deadline = clock() + SPIN
         while not poll(0):

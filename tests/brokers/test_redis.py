@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import os
 import queue as stdlib_queue
+import select
 import shutil
 import socket
 import statistics
@@ -739,6 +740,15 @@ def test_a_forked_child_uses_connections_of_its_own(make_broker, queue):
 
 
 # -- end to end --------------------------------------------------------------------------------
+
+
+def test_sends_work_where_select_has_no_poll(make_broker, queue, monkeypatch):
+    # As under gevent's monkey-patching: a send then sleeps on its reply at once.
+    monkeypatch.delattr(select, "poll")
+    broker = make_broker()
+    for n in range(3):
+        broker.enqueue(make_message(queue, n))
+    assert broker.get_queue_stats(queue).ready == 3
 
 
 def test_a_send_sleeps_on_a_slow_reply_and_the_next_sends_do_not_poll(make_broker, queue, private_redis):
