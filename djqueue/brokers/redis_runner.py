@@ -21,7 +21,11 @@ meanwhile. A reply that took longer than SPIN (Redis across a network, a busy se
 makes the next sends sleep straight away: 8 of them, twice as many after each further
 slow reply up to 1,024, back to 8 after a quick one. So a slow link costs one SPIN
 every 1,024 sends, and a preempted reply on a fast one costs little. A worker's calls
-(fetch, ack) do not poll: its other threads have work to do with that CPU.
+(fetch, ack) do not poll: its other threads have work to do with that CPU. Nor does a
+process that may run on one CPU only: there a send that polls takes turns with what
+must run for the reply to come (Redis itself, when it is local), and waking a thread on
+the CPU it slept on is quick (measured with both on one CPU: 55 microseconds a send with
+a blocking read, 63 polling).
 """
 
 from __future__ import annotations
@@ -82,6 +86,14 @@ def pack_four(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
 _PACK_FOUR = b"$%d\r\n%b\r\n" * 4
 
 
+def _cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _poller(sock: Any) -> Any:
     """A zero-timeout readiness check for ``sock``, or None where polling must not be
     done: no socket yet, or one of gevent's or eventlet's, whose loop a send that polls
@@ -118,6 +130,7 @@ class ScriptRunner:
         # one skips (racy across threads, harmlessly).
         self.spin_skip = 0
         self.spin_backoff = SPIN_SKIP[0]
+        self.polls = _cpus() > 1
 
     def pack(self, name: str, args: Sequence[Any], packed: Sequence[bytes] = (), count: int = 0) -> bytes:
         """The call's RESP bytes: ``args``, then ``count`` more arguments already packed
@@ -132,7 +145,7 @@ class ScriptRunner:
         try:
             try:
                 connection.send_packed_command(packed)
-                if spin:
+                if spin and self.polls:
                     self._spin(connection)
                 reply = connection.read_response(disable_decoding=True)
             except self._no_script:

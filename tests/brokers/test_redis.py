@@ -742,6 +742,19 @@ def test_a_forked_child_uses_connections_of_its_own(make_broker, queue):
 # -- end to end --------------------------------------------------------------------------------
 
 
+def test_a_process_on_one_cpu_does_not_poll_for_replies(make_broker, queue, private_redis, monkeypatch):
+    url, _, _ = private_redis
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    broker = make_broker(url)
+    server = redis.Redis.from_url(url)
+    broker.enqueue(make_message(queue, 0))
+    server.client_pause(50)
+    broker.enqueue(make_message(queue, 1))  # a slow reply: a send that polled would back off
+    server.close()
+    assert (broker.runner.spin_skip, broker.runner.spin_backoff) == (0, redis_runner.SPIN_SKIP[0])
+    assert broker.get_queue_stats(queue).ready == 2
+
+
 def test_sends_work_where_select_has_no_poll(make_broker, queue, monkeypatch):
     # As under gevent's monkey-patching: a send then sleeps on its reply at once.
     monkeypatch.delattr(select, "poll")
