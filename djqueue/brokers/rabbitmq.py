@@ -581,7 +581,10 @@ def _sweep(broker_ref: weakref.ref[RabbitmqBroker]) -> None:
         with broker._publishers_lock:
             publishers = list(broker._publishers)
         for publisher in publishers:
-            if not publisher.waiting():
+            # Unlocked: waiting() would take the lock for a moment, and a thread's own
+            # waiting() would then answer True. A live thread's publisher missed is seen on
+            # the next round; a dead thread's is changed by no one but this loop.
+            if not publisher.holds_messages():
                 if not publisher.thread_alive():
                     with broker._publishers_lock:
                         if publisher in broker._publishers:

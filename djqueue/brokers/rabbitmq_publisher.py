@@ -245,6 +245,21 @@ class Publisher(AmqpClient):
         self.refusals = 0  # channel closes while the probe was alone in flight
 
     def waiting(self) -> bool:
+        """Whether messages of this thread still wait for a confirm or to be published
+        again. Exact when no other thread holds the lock; True while one does: the sweeper
+        may be moving a message from one list to another (returned, refused, published
+        again), and for that moment it is in none of them, where flush() and the check
+        before an ack must not take it for confirmed."""
+        if not self.lock.acquire(blocking=False):
+            return True
+        try:
+            return self.holds_messages()
+        finally:
+            self.lock.release()
+
+    def holds_messages(self) -> bool:
+        """``waiting()`` without the lock: a hint, wrong for a moment while another thread
+        moves a message."""
         return bool(self.unconfirmed or self.outbox or self.returned)
 
     def thread_alive(self) -> bool:

@@ -692,6 +692,35 @@ def test_a_message_the_publisher_gives_up_on_is_dead_lettered(make_broker, queue
     assert (row.actor_name, row.queue_name) == ("record", queue)
 
 
+def test_flush_waits_for_a_message_the_sweeper_is_moving(make_broker, queue):
+    # The sweeper moves a returned or refused message from one of the publisher's lists
+    # to another under its lock, and for that moment the message is in none of them.
+    # flush() (and the check before an ack) must not take it for confirmed then.
+    broker = make_broker()
+    broker.ensure_queue(queue)
+    publisher = broker._publisher()
+    entry = Pending(queue, b"", queue.encode(), message(queue, "moved").encode(), 0)
+    holding, flushing = threading.Event(), threading.Event()
+
+    def sweeper() -> None:
+        with publisher.lock:
+            holding.set()
+            flushing.wait(10)
+            time.sleep(0.1)  # stages the race: flush() looks while the message is in no list
+            publisher.outbox.append(entry)
+
+    thread = threading.Thread(target=sweeper)
+    thread.start()
+    holding.wait(10)
+    flushing.set()
+    broker.flush()
+    connection, channel = raw_channel()  # not get_queue_stats(), which flushes again
+    ready = channel.queue_declare(queue, passive=True).method.message_count
+    connection.close()
+    thread.join(10)
+    assert ready == 1, "flush() returned before the message was confirmed"
+
+
 def test_unreachable_broker_raises_connection_error(make_broker, queue):
     broker = make_broker(url="amqp://guest:guest@127.0.0.1:1/%2F", confirm_timeout=500)
     broker.queues.add(queue)  # skip the (unreachable) declaration
