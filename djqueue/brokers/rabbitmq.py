@@ -475,14 +475,18 @@ class RabbitmqBroker(Broker):
         for publisher in publishers:
             if publisher.waiting():
                 with publisher.lock:
-                    publisher.publish([], 1, timeout)
+                    # waiting() is True while another thread holds the lock, perhaps with
+                    # nothing left: publishing nothing would connect for nothing.
+                    if publisher.holds_messages():
+                        publisher.publish([], 1, timeout)
 
     def _flush_thread(self) -> None:
         # Called before acking: what a job enqueued is confirmed before its message is acked.
         publisher: Publisher | None = getattr(self._local, "publisher", None)
         if publisher is not None and publisher.waiting() and publisher.pid == os.getpid():
             with publisher.lock:
-                publisher.publish([], 1)
+                if publisher.holds_messages():
+                    publisher.publish([], 1)
 
     # -- consuming and inspecting ---------------------------------------------------
 
@@ -583,14 +587,19 @@ def _sweep(broker_ref: weakref.ref[RabbitmqBroker]) -> None:
         for publisher in publishers:
             # Unlocked: waiting() would take the lock for a moment, and a thread's own
             # waiting() would then answer True. A live thread's publisher missed is seen on
-            # the next round; a dead thread's is changed by no one but this loop.
+            # the next round.
             if not publisher.holds_messages():
-                if not publisher.thread_alive():
-                    with broker._publishers_lock:
-                        if publisher in broker._publishers:
-                            broker._publishers.remove(publisher)
-                    with publisher.lock:
-                        publisher.close()
+                if not publisher.thread_alive() and publisher.lock.acquire(blocking=False):
+                    try:
+                        # Again under the lock: a flush() may have been moving a message of
+                        # it, or its thread published once more before it exited.
+                        if not publisher.holds_messages():
+                            with broker._publishers_lock:
+                                if publisher in broker._publishers:
+                                    broker._publishers.remove(publisher)
+                            publisher.close()
+                    finally:
+                        publisher.lock.release()
                 continue
             if publisher.lock.acquire(blocking=False):
                 try:

@@ -721,6 +721,28 @@ def test_flush_waits_for_a_message_the_sweeper_is_moving(make_broker, queue):
     assert ready == 1, "flush() returned before the message was confirmed"
 
 
+def test_flush_does_not_connect_for_a_publisher_with_nothing_left(make_broker, queue):
+    # A publisher whose lock another thread holds counts as waiting; once it has the lock,
+    # flush() must see there is nothing to confirm, not connect (here: fail) for nothing.
+    broker = make_broker(url="amqp://guest:guest@127.0.0.1:1/%2F", confirm_timeout=500)
+    publisher = broker._publisher()
+    holding, flushing = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with publisher.lock:  # as the sweeper does, closing the publisher of a thread that exited
+            holding.set()
+            flushing.wait(10)
+            time.sleep(0.1)  # stages the race: flush() looks while the lock is held
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    holding.wait(10)
+    flushing.set()
+    broker.flush()  # raised ConnectionError, after trying to connect
+    thread.join(10)
+    assert publisher.sock is None
+
+
 def test_unreachable_broker_raises_connection_error(make_broker, queue):
     broker = make_broker(url="amqp://guest:guest@127.0.0.1:1/%2F", confirm_timeout=500)
     broker.queues.add(queue)  # skip the (unreachable) declaration
