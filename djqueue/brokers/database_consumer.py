@@ -52,6 +52,8 @@ BATCH_WINDOW = 0.005
 # Seconds a consumer's own PostgreSQL connection may take to connect (unless the alias's
 # OPTIONS say otherwise).
 CONNECT_TIMEOUT = 10
+# The longest close() waits (s) for another thread's ack deletion to finish.
+CLOSE_WAIT = 10.0
 # A PostgreSQL queue that just ran dry is asked when its next message comes due this
 # long (s) after: not at once, so that the message just claimed starts unhindered.
 DUE_LOOK_DELAY = 0.005
@@ -89,7 +91,9 @@ class Connection:
                     self._connect()
                 with self.wrapper.cursor() as cursor:
                     return work(cursor)
-            except DatabaseError as e:
+            except (DatabaseError, InterfaceError) as e:
+                # InterfaceError is not a DatabaseError in Django (PEP 249 siblings); a
+                # driver raises it for a connection it closed: reconnect too.
                 if not is_locked(e):
                     self._close()  # it may be broken: reconnect on next use
                 raise
@@ -203,6 +207,7 @@ class DatabaseConsumer(Consumer):
         self.wake_at = 0.0
         self.partial_at: float | None = None
         self.closed = False
+        self.flushing = 0  # flush_acks() calls in progress
         # An unreachable database: log lines and backoff of every broker, up to 5 s.
         self.reconnecting = Reconnecting(broker, queue_name, logger, limit=5.0)
         # SQLite, while drained: when to read the change counter next, and its value
@@ -294,7 +299,7 @@ class DatabaseConsumer(Consumer):
 
         try:
             version, (rows, due_at) = self.db.run(work)
-        except DatabaseError as e:
+        except (DatabaseError, InterfaceError) as e:
             with self.cond:
                 self.acks[:0] = acks
                 self.version = None
@@ -333,7 +338,7 @@ class DatabaseConsumer(Consumer):
                 self.check_at = float("inf")
         try:
             self._give_back(orphans)
-        except DatabaseError as e:
+        except (DatabaseError, InterfaceError) as e:
             # Raising would make the worker close this consumer, which gives back the
             # messages its threads are running too; these few can wait for their lease.
             logger.warning(
@@ -344,7 +349,7 @@ class DatabaseConsumer(Consumer):
                 e,
             )
 
-    def _failed(self, error: DatabaseError) -> None:
+    def _failed(self, error: DatabaseError | InterfaceError) -> None:
         if is_locked(error):
             # SQLite is busy: look again soon, with jitter so that claimers spread out.
             self._retry_in(random.uniform(0.01, 0.05))
@@ -420,12 +425,19 @@ class DatabaseConsumer(Consumer):
             if older_than is not None and time.monotonic() - self.acks_since < older_than:
                 return True
             acks, self.acks = self.acks, []
+            # close() waits for this delete: acks taken here and then refused by a closed
+            # connection would leave finished jobs to run again when their lease ends.
+            self.flushing += 1
         try:
             self.db.run(partial(self.sql.delete, acks, self.owner))
-        except DatabaseError:
+        except (DatabaseError, InterfaceError):
             with self.cond:
                 self.acks[:0] = acks
             raise
+        finally:
+            with self.cond:
+                self.flushing -= 1
+                self.cond.notify_all()
         return False
 
     def requeue(self, proxies: Iterable[MessageProxy]) -> None:
@@ -474,10 +486,13 @@ class DatabaseConsumer(Consumer):
             self.isolated = None
             self.ready.clear()
             self.cond.notify_all()
+            # Another thread's flush_acks() in progress: let it delete its acks (or put
+            # them back, for the flush below) before the connection closes.
+            self.cond.wait_for(lambda: not self.flushing, timeout=CLOSE_WAIT)
         for settle in (self.flush_acks, partial(self._give_back, ids)):
             try:
                 settle()
-            except DatabaseError:
+            except (DatabaseError, InterfaceError):
                 logger.warning(
                     "database broker: could not settle the messages of %r on close; "
                     "their leases will expire and they will be delivered again",

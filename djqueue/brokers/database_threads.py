@@ -13,7 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, InterfaceError, connections
 
 from .database_consumer import ACK_FLUSH_INTERVAL
 from .database_sql import CHANNEL
@@ -75,8 +75,12 @@ class Maintenance(threading.Thread):
                     waiting |= consumer.flush_acks(older_than=ACK_FLUSH_INTERVAL / 2)
                     if beat:
                         consumer.renew()
-                except DatabaseError:
+                except (DatabaseError, InterfaceError):
                     logger.warning("database broker heartbeat failed; trying again", exc_info=True)
+                except Exception:
+                    # This thread renews every consumer's leases and deletes their acks:
+                    # if it died, long jobs would be delivered again while they run.
+                    logger.exception("database broker heartbeat failed; trying again")
             if waiting:
                 self.poke()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connections, transaction
+from django.db import InterfaceError, OperationalError, connections, transaction
 
 from djqueue import Message, Worker, actor, errors, get_current_message
 from djqueue.brokers import broker_from_url, database_consumer, database_threads
@@ -264,6 +264,58 @@ def test_an_acked_message_whose_lease_ran_out_is_deleted_not_claimed_again(alias
         )
     assert claimed.rows == []
     assert rows(alias, queue) == 0
+
+
+def test_close_waits_for_acks_another_thread_is_deleting(make, alias, queue, monkeypatch):
+    # The maintenance thread takes a consumer's acks, then deletes them on the consumer's
+    # connection. A close() in between closed that connection: the delete failed, and
+    # the finished job ran again once its lease ran out.
+    monkeypatch.setattr(database_threads, "ACK_FLUSH_INTERVAL", 1000.0)  # this test flushes
+    broker = make()
+    broker.enqueue(message(queue))
+    consumer = broker.consume(queue, prefetch=1, timeout=100)
+    consumer.ack(take(consumer))
+    run = consumer.db.run
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_run(work: Any) -> Any:
+        if threading.current_thread() is flusher:
+            entered.set()
+            release.wait(10)
+        return run(work)
+
+    monkeypatch.setattr(consumer.db, "run", slow_run)
+    flusher = threading.Thread(target=consumer.flush_acks)
+    flusher.start()
+    entered.wait(10)
+    threading.Timer(0.1, release.set).start()  # stages the race: close() runs meanwhile
+    consumer.close()
+    flusher.join(10)
+    assert rows(alias, queue) == 0, "the acked message is still queued"
+
+
+def test_the_maintenance_thread_outlives_an_error_it_did_not_expect(make, alias, queue, monkeypatch):
+    # It renews every consumer's leases and deletes their acks; Django's InterfaceError
+    # (a closed connection) is no DatabaseError, and it ended the thread.
+    broker = make(lease=600)  # it beats every 200 ms
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    flush_acks, failed = consumer.flush_acks, []
+
+    def fails_once(older_than: float | None = None) -> bool:
+        if not failed:
+            failed.append(True)
+            raise InterfaceError("the consumer is closed")
+        return flush_acks(older_than=older_than)
+
+    monkeypatch.setattr(consumer, "flush_acks", fails_once)
+    broker.enqueue_many([message(queue, n) for n in range(2)])
+    first, second = take(consumer), take(consumer)
+    consumer.ack(first)  # wakes the maintenance thread, which fails
+    wait_for(lambda: failed, message="the maintenance thread's failure")
+    consumer.ack(second)
+    # Nobody claims again: only the maintenance thread deletes the acks, at its next beat.
+    wait_for(lambda: rows(alias, queue) == 0, timeout=5, interval=0.01, message="the acks")
+    consumer.close()
 
 
 def test_a_failed_give_back_of_skipped_messages_does_not_fail_the_consumer(make, alias, queue, monkeypatch):
