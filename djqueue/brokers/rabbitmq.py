@@ -420,7 +420,7 @@ class RabbitmqBroker(Broker):
             with self._admin_lock:
                 self._reset_process_state()
         publisher: Publisher | None = getattr(self._local, "publisher", None)
-        if publisher is None:
+        if publisher is None or publisher.retired:
             publisher = self._local.publisher = Publisher(self)
             with self._publishers_lock:
                 self._publishers.append(publisher)
@@ -450,22 +450,27 @@ class RabbitmqBroker(Broker):
 
     def _enqueue(self, message: Message, data: bytes) -> None:
         entry = self._pending(message.queue_name, data, message.priority, message.eta)
-        publisher = self._publisher()
-        with publisher.lock:
-            publisher.publish([entry], self.max_unconfirmed)
+        self._publish([entry], self.max_unconfirmed)
 
     def _enqueue_many(self, prepared: list[tuple[Message, bytes]]) -> None:
         entries = [self._pending(m.queue_name, data, m.priority, m.eta) for m, data in prepared]
-        publisher = self._publisher()
-        with publisher.lock:
-            publisher.publish(entries, self.max_unconfirmed)  # confirmed as single sends are
+        self._publish(entries, self.max_unconfirmed)  # confirmed as single sends are
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         """Put arbitrary bytes on a queue, as a misbehaving producer would (for tests)."""
         self.ensure_queue(queue_name)
-        publisher = self._publisher()
-        with publisher.lock:
-            publisher.publish([Pending(queue_name, b"", queue_name.encode(), data, 0)], 1)
+        self._publish([Pending(queue_name, b"", queue_name.encode(), data, 0)], 1)
+
+    def _publish(self, entries: list[Pending], limit: int) -> None:
+        while True:
+            publisher = self._publisher()
+            with publisher.lock:
+                # close() may have retired it while this thread waited for its lock: a
+                # message published on it then would be tracked by nothing. _publisher()
+                # gives this thread a new one.
+                if not publisher.retired:
+                    publisher.publish(entries, limit)
+                    return
 
     def flush(self, timeout: int | None = None) -> None:
         """Wait until RabbitMQ has confirmed every message this process published through
@@ -564,6 +569,14 @@ class RabbitmqBroker(Broker):
             publishers, self._publishers = self._publishers, []
         for publisher in publishers:
             with publisher.lock:
+                # A thread may have published on it since the flush above; from here on,
+                # none can (see _publish).
+                publisher.retired = True
+                if publisher.holds_messages():
+                    try:
+                        publisher.publish([], 1)
+                    except ConnectionError as e:
+                        logger.error("closing the RabbitMQ broker with unconfirmed messages: %s", e)
                 publisher.close()
         with self._admin_lock:
             if self._admin is not None:

@@ -243,6 +243,8 @@ class Publisher(AmqpClient):
         self.probing = False
         self.probe: Pending | None = None
         self.refusals = 0  # channel closes while the probe was alone in flight
+        # Closed by the broker's close(): never published on again (under the lock).
+        self.retired = False
 
     def waiting(self) -> bool:
         """Whether messages of this thread still wait for a confirm or to be published

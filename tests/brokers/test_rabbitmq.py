@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
+from typing import Any
 from urllib.parse import quote
 
 import pika
@@ -741,6 +742,43 @@ def test_flush_does_not_connect_for_a_publisher_with_nothing_left(make_broker, q
     broker.flush()  # raised ConnectionError, after trying to connect
     thread.join(10)
     assert publisher.sock is None
+
+
+def test_a_send_racing_close_publishes_on_a_publisher_the_broker_tracks(make_broker, queue):
+    # close() closes every thread's publisher under its lock. A thread that took its
+    # publisher just before, and waited for that lock, published on it afterwards: on a
+    # connection it opened again, which no flush() and no sweeper knew about.
+    broker = make_broker()
+    broker.ensure_queue(queue)
+    taken, go = threading.Event(), threading.Event()
+    used: list[Any] = []
+
+    def sender() -> None:
+        broker.enqueue(message(queue, 0))
+        used.append(broker._publisher())
+        taken.set()
+        go.wait(10)
+        broker.enqueue(message(queue, 1))
+        used.append(broker._local.publisher)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    taken.wait(10)
+    first = used[0]
+    with first.lock:  # as close() does, while the sender waits for the lock
+        with broker._publishers_lock:
+            broker._publishers.remove(first)
+        first.retired = True
+        first.close()
+        go.set()
+        time.sleep(0.1)  # stages the race: the sender is waiting for this lock
+    thread.join(10)
+    assert first.sock is None, "a closed publisher was used again"
+    assert used[1] is not first and used[1] in broker._publishers
+    broker.flush()
+    consumer = broker.consume(queue, prefetch=2, timeout=100)
+    assert sorted(take(consumer).message.args[0] for _ in range(2)) == [0, 1]
+    consumer.close()
 
 
 def test_unreachable_broker_raises_connection_error(make_broker, queue):
