@@ -481,17 +481,15 @@ class RabbitmqBroker(Broker):
             if publisher.waiting():
                 with publisher.lock:
                     # waiting() is True while another thread holds the lock, perhaps with
-                    # nothing left: publishing nothing would connect for nothing.
-                    if publisher.holds_messages():
-                        publisher.publish([], 1, timeout)
+                    # nothing left by the time this one has it.
+                    publisher.confirm_held(timeout)
 
     def _flush_thread(self) -> None:
         # Called before acking: what a job enqueued is confirmed before its message is acked.
         publisher: Publisher | None = getattr(self._local, "publisher", None)
         if publisher is not None and publisher.waiting() and publisher.pid == os.getpid():
             with publisher.lock:
-                if publisher.holds_messages():
-                    publisher.publish([], 1)
+                publisher.confirm_held()
 
     # -- consuming and inspecting ---------------------------------------------------
 
@@ -572,11 +570,10 @@ class RabbitmqBroker(Broker):
                 # A thread may have published on it since the flush above; from here on,
                 # none can (see _publish).
                 publisher.retired = True
-                if publisher.holds_messages():
-                    try:
-                        publisher.publish([], 1)
-                    except ConnectionError as e:
-                        logger.error("closing the RabbitMQ broker with unconfirmed messages: %s", e)
+                try:
+                    publisher.confirm_held()
+                except ConnectionError as e:
+                    logger.error("closing the RabbitMQ broker with unconfirmed messages: %s", e)
                 publisher.close()
         with self._admin_lock:
             if self._admin is not None:

@@ -259,6 +259,12 @@ class Publisher(AmqpClient):
         finally:
             self.lock.release()
 
+    def confirm_held(self, timeout: int | None = None) -> None:
+        """With the lock held: wait until RabbitMQ confirmed every message this publisher
+        holds (publishing again what must be). Connects for nothing when it holds none."""
+        if self.holds_messages():
+            self.publish([], 1, timeout)
+
     def holds_messages(self) -> bool:
         """``waiting()`` without the lock: a hint, wrong for a moment while another thread
         moves a message."""
