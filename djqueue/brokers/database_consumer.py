@@ -52,6 +52,14 @@ BATCH_WINDOW = 0.005
 # Seconds a consumer's own PostgreSQL connection may take to connect (unless the alias's
 # OPTIONS say otherwise).
 CONNECT_TIMEOUT = 10
+# Put before each statement of a consumer on PostgreSQL, in the same query string. Claims,
+# acks and heartbeats need not wait for the WAL to reach the disk: if the server crashes
+# and loses the last of them, the message is delivered again, as at-least-once allows.
+# LOCAL, for the statement's own transaction: a session setting would outlive it, and a
+# transaction-mode pooler (PgBouncer) hands the server connection on to other clients,
+# whose commits would then be asynchronous too. Enqueues (on the caller's connection)
+# stay durable.
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF; "
 # The longest close() waits (s) for another thread's ack deletion to finish.
 CLOSE_WAIT = 10.0
 # A PostgreSQL queue that just ran dry is asked when its next message comes due this
@@ -71,6 +79,7 @@ class Connection:
         self.alias = alias
         self.lock = threading.Lock()
         self.wrapper: Any = None
+        self.postgresql = self.psycopg3 = False
         self.closed = False
         # For cut_if_stuck(), from another thread, under cut_lock: when the call in
         # progress started (None: no call), and a duplicate of the PostgreSQL socket
@@ -90,7 +99,7 @@ class Connection:
                 if self.wrapper is None:
                     self._connect()
                 with self.wrapper.cursor() as cursor:
-                    return work(cursor)
+                    return work(_AsyncCommit(cursor, self.psycopg3) if self.postgresql else cursor)
             except (DatabaseError, InterfaceError) as e:
                 # InterfaceError is not a DatabaseError in Django (PEP 249 siblings); a
                 # driver raises it for a connection it closed: reconnect too.
@@ -104,8 +113,12 @@ class Connection:
     def _connect(self) -> None:
         self.wrapper = _own_connection(self.alias)
         self.wrapper.inc_thread_sharing()
-        if self.wrapper.vendor != "postgresql":
+        self.postgresql = self.wrapper.vendor == "postgresql"
+        if not self.postgresql:
             return
+        from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+        self.psycopg3 = is_psycopg3
         self.wrapper.ensure_connection()
         try:
             sock = socket.socket(fileno=os.dup(self.wrapper.connection.fileno()))
@@ -113,11 +126,6 @@ class Connection:
             sock = None
         with self.cut_lock:
             self.sock = sock
-        # Claims, acks and heartbeats need not wait for the WAL to reach the disk: if the
-        # server crashes and loses the last of them, the message is delivered again, as
-        # at-least-once allows. Enqueues (on the caller's connection) stay durable.
-        with self.wrapper.cursor() as cursor:
-            cursor.execute("SET synchronous_commit TO OFF")
 
     def cut_if_stuck(self, limit: float) -> bool:
         """PostgreSQL: shut the connection down under a call that has waited over
@@ -169,19 +177,39 @@ class Connection:
                 pass
 
 
+class _AsyncCommit:
+    """A PostgreSQL cursor whose statements each commit with ``synchronous_commit`` off
+    for their own transaction only (ASYNC_COMMIT), in the same round trip."""
+
+    def __init__(self, cursor: Any, psycopg3: bool) -> None:
+        self.cursor = cursor
+        self.psycopg3 = psycopg3
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        # Two statements in one simple query run as one transaction, which SET LOCAL lasts.
+        self.cursor.execute(ASYNC_COMMIT + sql, params)
+        if self.psycopg3:  # psycopg 3 reads the first statement's result, psycopg2 the last
+            self.cursor.nextset()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cursor, name)
+
+
 def _own_connection(alias: str) -> Any:
     """A connection of the consumer's own, outside Django's connection pool (the
-    ``"pool"`` option of PostgreSQL): the consumer keeps it for its lifetime, and its
-    ``synchronous_commit = off`` must never reach a connection the project's code uses."""
+    ``"pool"`` option of PostgreSQL), which the consumer keeps for its lifetime."""
     settings_dict = connections.settings[alias]
     options = settings_dict.get("OPTIONS") or {}
     postgresql = connections[alias].vendor == "postgresql"  # PostGIS too
-    if not options.get("pool") and not (postgresql and "connect_timeout" not in options):
+    if not postgresql and not options.get("pool"):
         return connections.create_connection(alias)
     own = {k: v for k, v in options.items() if k != "pool"}
     if postgresql:
         # Without it, connecting to a host that is gone waits for TCP to give up (minutes).
         own.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        # Client-side binding sends the simple query protocol, which takes ASYNC_COMMIT
+        # and the statement in one query; server-side binding takes one statement.
+        own.pop("server_side_binding", None)
     return load_backend(settings_dict["ENGINE"]).DatabaseWrapper({**settings_dict, "OPTIONS": own}, alias)
 
 

@@ -448,6 +448,43 @@ def test_the_consumers_connection_settings_never_reach_djangos_pool(make, queue,
         pooled.close_pool()
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+@pytest.mark.parametrize("server_side_binding", [False, True])
+def test_a_consumer_commits_asynchronously_without_changing_its_session(
+    make, queue, monkeypatch, server_side_binding
+):
+    # A transaction-mode pooler (PgBouncer) hands the server connection on to other
+    # clients after each transaction: a setting left on the consumer's session would make
+    # their commits asynchronous too.
+    settings_dict = connections.settings["postgres"]
+    options = {**settings_dict.get("OPTIONS", {}), "server_side_binding": server_side_binding}
+    monkeypatch.setitem(settings_dict, "OPTIONS", options)
+    with connections["postgres"].cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        default = cursor.fetchone()[0]
+    assert default != "off"
+    broker = make()
+    first, second = broker.enqueue(message(queue, 1)), broker.enqueue(message(queue, 2))
+    consumer = broker.consume(queue, prefetch=2, timeout=200)
+    held = {proxy.message_id: proxy for proxy in (take(consumer), take(consumer))}
+    consumer.renew()
+    consumer.requeue([held[second.message_id]])
+    consumer.ack(held[first.message_id])
+    consumer.flush_acks()
+    assert list(
+        QueuedMessage.objects.using("postgres").filter(queue_name=queue).values_list("message_id", flat=True)
+    ) == [second.message_id]
+
+    def setting(cursor: Any) -> str:
+        cursor.execute("SELECT current_setting(%s)", ["synchronous_commit"])
+        return cursor.fetchone()[0]
+
+    assert consumer.db.run(setting) == "off"  # each of its statements
+    with consumer.db.wrapper.cursor() as cursor:  # its session, as a pooler would hand it on
+        assert setting(cursor) == default
+
+
 CLAIM_AND_HANG = """
 import sys, time, django
 django.setup()
