@@ -12,6 +12,7 @@ of consumers whose heartbeat stopped. See docs/redis-broker.md.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import threading
 import uuid
@@ -220,22 +221,26 @@ class RedisBroker(Broker):
             by_queue.setdefault(message.queue_name, []).append(
                 pack_four(mid.encode(), data, b"%d" % priority, b"%d" % eta)
             )
-        pack = self.runner.pack
+        runner = self.runner
+        made: list[tuple[str, bytes]] = []
 
         def calls() -> Iterator[tuple[str, bytes]]:
             # Packed lazily, so that Redis stores one chunk while the next is packed.
             for queue_name, packed in by_queue.items():
                 for i in range(0, len(packed), ENQUEUE_CHUNK):
                     chunk = packed[i : i + ENQUEUE_CHUNK]
-                    yield "enqueue", pack("enqueue", [queue_name], chunk, 4 * len(chunk))
+                    made.append(("enqueue", runner.pack("enqueue", [queue_name], chunk, 4 * len(chunk))))
+                    yield made[-1]
 
+        rest = calls()
+        replies: list[Any] = []
         try:
-            self.call(self.runner.run_many, calls())
+            self.call(runner.run_many, rest, replies)
         except ConnectionError:
-            # One call is safe to repeat, as a single send is; part of several is not.
-            if len(by_queue) > 1 or len(prepared) > ENQUEUE_CHUNK:
-                raise
-            self.call(self.runner.run_many, calls())
+            # The calls Redis answered stored their chunks. The others are sent once more
+            # on a new connection, as a single send is: each message is stored at least
+            # once, and only those of a call whose reply was lost may be stored twice.
+            self.call(runner.run_many, itertools.chain(made[runner.ran(replies) :], rest))
 
     def enqueue_raw(self, queue_name: str, data: bytes) -> None:
         self.declare_queue(queue_name)

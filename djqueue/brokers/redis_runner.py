@@ -161,18 +161,20 @@ class ScriptRunner:
         self.idle.append((connection, time.monotonic()))
         return reply
 
-    def run_many(self, calls: Iterable[tuple[str, bytes]]) -> list[Any]:
+    def run_many(self, calls: Iterable[tuple[str, bytes]], replies: list[Any] | None = None) -> list[Any]:
         """Run scripts (name, ``pack()``-ed call) pipelined on one connection and return
         their replies, in order. Each call is sent as soon as the iterable gives it, so
         that Redis runs one while the next is packed. If any failed, raises the first
-        error once every reply has been read."""
+        error once every reply has been read. ``replies``, if given, receives each reply
+        as it is read: after a lost connection, ``ran(replies)`` of the calls ran."""
+        replies = [] if replies is None else replies
         connection = self._take()
         try:
             sent: list[tuple[str, bytes]] = []
             for name, packed in calls:
                 connection.send_packed_command([packed])
                 sent.append((name, packed))
-            replies = self._read_replies(connection, len(sent))
+            self._read_replies(connection, len(sent), replies)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, self._no_script)]
             if missing:
                 self._load(connection, {sent[i][0] for i in missing})
@@ -210,12 +212,20 @@ class ScriptRunner:
                 return
         self.spin_backoff = SPIN_SKIP[0]
 
+    def ran(self, replies: list[Any]) -> int:
+        """How many calls of a ``run_many`` that failed are known to have run: those before
+        the first reply missing or refused for a script Redis did not have."""
+        for i, reply in enumerate(replies):
+            if isinstance(reply, self._no_script):
+                return i
+        return len(replies)
+
     def _exchange(self, connection: Any, packed: list[bytes]) -> list[Any]:
         connection.send_packed_command(packed)
         return self._read_replies(connection, len(packed))
 
-    def _read_replies(self, connection: Any, count: int) -> list[Any]:
-        replies: list[Any] = []
+    def _read_replies(self, connection: Any, count: int, replies: list[Any] | None = None) -> list[Any]:
+        replies = [] if replies is None else replies
         for _ in range(count):
             try:
                 replies.append(connection.read_response(disable_decoding=True))

@@ -24,7 +24,7 @@ import pytest
 from djqueue import Message, Worker, actor
 from djqueue.brokers import redis_runner
 from djqueue.brokers.base import Consumer, MessageProxy
-from djqueue.brokers.redis import RedisBroker
+from djqueue.brokers.redis import ENQUEUE_CHUNK, RedisBroker
 from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.message import current_millis
 from tests.process import wait_for
@@ -548,6 +548,34 @@ def test_a_cancel_whose_reply_was_lost_still_returns_true(make_broker, queue):
         assert broker.cancel(sent.message_id) is False, "a later call finds nothing to cancel"
         assert broker.cancel(kept.message_id) is True
         assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+    finally:
+        relay.close()
+
+
+def test_a_batch_whose_connection_is_lost_stores_every_message(make_broker, queue):
+    parts = urlsplit(REDIS_URL)
+    relay = Relay(parts.port or 6379)
+    credentials = parts.netloc.rpartition("@")[0]
+    address = f"127.0.0.1:{relay.port}"
+    try:
+        broker = make_broker(
+            parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
+        )
+        # Connected, with the script loaded: the next reply is the batch's first call's.
+        broker.enqueue(make_message(queue, "first"))
+        batch = [make_message(queue, n) for n in range(3 * ENQUEUE_CHUNK)]  # three calls
+        relay.drop_reply.set()
+        broker.enqueue_many(batch)
+        assert relay.dropped == 1
+        consumer = broker.consume(queue, prefetch=100, timeout=100)
+        stored = []
+        while (proxy := next(consumer)) is not None:
+            stored.append(proxy.message_id)
+            consumer.ack(proxy)
+        consumer.close()
+        # At least once: a call whose reply was lost ran, and ran again.
+        assert {m.message_id for m in batch} <= set(stored)
+        assert len(stored) <= 2 * len(batch) + 1
     finally:
         relay.close()
 
