@@ -10,7 +10,6 @@ import os
 import queue as stdlib_queue
 import select
 import shutil
-import socket
 import statistics
 import subprocess
 import threading
@@ -27,7 +26,7 @@ from djqueue.brokers.base import Consumer, MessageProxy
 from djqueue.brokers.redis import ENQUEUE_CHUNK, RedisBroker
 from djqueue.errors import ConfigurationError, ConnectionError
 from djqueue.message import current_millis
-from tests.process import wait_for
+from tests.process import free_port, wait_for
 from tests.relay import Relay
 
 redis = pytest.importorskip("redis")
@@ -610,12 +609,6 @@ def test_an_unreachable_server_raises_connection_error():
     with pytest.raises(ConnectionError):
         next(consumer)
     broker.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -17,18 +17,12 @@ from django.db import connections
 from prometheus_client.parser import text_string_to_metric_families
 
 from djqueue.brokers import broker_from_url
-from tests.process import read_records, wait_for
+from tests.process import free_port, read_records, wait_for
 from tests.testapp.tasks import always_fail, slow_record
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 BROKER_URL = "db://default"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:

@@ -11,7 +11,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,7 +25,7 @@ from django.db import connections
 from djqueue.brokers import broker_from_url
 from djqueue.errors import DjqueueError
 from tests.brokers.conftest import RABBITMQ_URL
-from tests.process import wait_for
+from tests.process import free_port, wait_for
 from tests.reliability.conftest import executions
 from tests.testapp.tasks import record
 
@@ -63,12 +62,6 @@ class Producer(threading.Thread):
                 time.sleep(SEND_INTERVAL)
         finally:
             connections.close_all()  # this thread's own connections
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:
