@@ -5,12 +5,15 @@ The behaviour every broker shares is proved in test_contract.py."""
 from __future__ import annotations
 
 import os
+import pwd
 import select
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +34,7 @@ from djqueue.checks import _check_url
 from djqueue.errors import ConfigurationError
 from djqueue.message import current_millis
 from djqueue.models import DeadLetter, QueuedMessage
-from tests.process import ROOT, wait_for
+from tests.process import ROOT, free_port, wait_for
 from tests.relay import Relay
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
@@ -448,6 +451,22 @@ def test_the_consumers_connection_settings_never_reach_djangos_pool(make, queue,
         pooled.close_pool()
 
 
+def claim_renew_requeue_and_ack(
+    broker: DatabaseBroker, queue: str
+) -> tuple[database_consumer.DatabaseConsumer, Message]:
+    """Run each kind of consumer statement once: send two messages, claim both, renew
+    their leases, give the second back and ack the first. Returns the consumer and the
+    second message, which is on the queue again."""
+    first, second = broker.enqueue(message(queue, 1)), broker.enqueue(message(queue, 2))
+    consumer = broker.consume(queue, prefetch=2, timeout=200)
+    held = {proxy.message_id: proxy for proxy in (take(consumer), take(consumer))}
+    consumer.renew()
+    consumer.requeue([held[second.message_id]])
+    consumer.ack(held[first.message_id])
+    consumer.flush_acks()
+    return consumer, second
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("alias", ["postgres"])
 @pytest.mark.parametrize("server_side_binding", [False, True])
@@ -464,14 +483,7 @@ def test_a_consumer_commits_asynchronously_without_changing_its_session(
         cursor.execute("SHOW synchronous_commit")
         default = cursor.fetchone()[0]
     assert default != "off"
-    broker = make()
-    first, second = broker.enqueue(message(queue, 1)), broker.enqueue(message(queue, 2))
-    consumer = broker.consume(queue, prefetch=2, timeout=200)
-    held = {proxy.message_id: proxy for proxy in (take(consumer), take(consumer))}
-    consumer.renew()
-    consumer.requeue([held[second.message_id]])
-    consumer.ack(held[first.message_id])
-    consumer.flush_acks()
+    consumer, second = claim_renew_requeue_and_ack(make(), queue)
     assert list(
         QueuedMessage.objects.using("postgres").filter(queue_name=queue).values_list("message_id", flat=True)
     ) == [second.message_id]
@@ -483,6 +495,100 @@ def test_a_consumer_commits_asynchronously_without_changing_its_session(
     assert consumer.db.run(setting) == "off"  # each of its statements
     with consumer.db.wrapper.cursor() as cursor:  # its session, as a pooler would hand it on
         assert setting(cursor) == default
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[int]:
+    """A PgBouncer of our own in transaction mode, in front of the "postgres" test
+    database as ``bounced``, with one server connection that all its clients take turns
+    on; its port."""
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        pytest.fail("pgbouncer is not installed (apt-get install pgbouncer)")
+    db = connections.settings["postgres"]
+    port = free_port()
+    directory = Path(tempfile.mkdtemp(prefix="djqueue-pgbouncer-"))
+    directory.chmod(0o755)  # PgBouncer refuses to run as root: it reads these as another user
+    password = f" password={db['PASSWORD']}" if db["PASSWORD"] else ""
+    (directory / "users.txt").write_text(f'"{db["USER"]}" ""\n')
+    ini = directory / "pgbouncer.ini"
+    ini.write_text(
+        "[databases]\n"
+        f"bounced = host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} dbname={db['NAME']} "
+        f"user={db['USER']}{password}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {directory / 'users.txt'}\n"
+        "pool_mode = transaction\ndefault_pool_size = 1\n"
+        "ignore_startup_parameters = extra_float_digits,options\n"
+    )
+    for path in directory.iterdir():
+        path.chmod(0o644)
+    user = []
+    if os.geteuid() == 0:
+        user = ["-u", "postgres" if _user_exists("postgres") else "nobody"]
+    log = directory / "pgbouncer.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([binary, *user, str(ini)], stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _accepts(port) or process.poll() is not None, message="PgBouncer to listen")
+        if process.poll() is not None:
+            pytest.fail(f"PgBouncer did not start: {log.read_text()[-2000:]}")
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_behind_a_transaction_mode_pgbouncer_the_broker_leaves_other_clients_commits_durable(
+    pgbouncer, monkeypatch, make, queue
+):
+    # docs/database-broker.md: point the alias at a transaction-mode pooler, with
+    # "listen": False. Every client here shares one server connection, as busy clients
+    # of a real pooler end up doing.
+    settings_dict = connections.settings["postgres"]
+    for key, value in {"HOST": "127.0.0.1", "PORT": pgbouncer, "NAME": "bounced"}.items():
+        monkeypatch.setitem(settings_dict, key, value)
+    connections["postgres"].close()  # this thread's sends go through the pooler too
+    other = connections.create_connection("postgres")
+
+    def other_clients_setting() -> str:
+        with other.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return cursor.fetchone()[0]
+
+    try:
+        default = other_clients_setting()
+        assert default != "off"
+        consumer, second = claim_renew_requeue_and_ack(make(listen=False), queue)
+        again = take(consumer)
+        assert again.message_id == second.message_id
+        consumer.ack(again)
+        consumer.flush_acks()
+        assert rows("postgres", queue) == 0
+        assert other_clients_setting() == default, "another client's commits would not wait for the disk"
+    finally:
+        other.close()
+        connections["postgres"].close()
 
 
 CLAIM_AND_HANG = """
