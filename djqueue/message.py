@@ -205,8 +205,21 @@ class Message:
         return pipeline([self, other])
 
     def __str__(self) -> str:
-        params = ", ".join(repr(arg) for arg in self.args)
+        params = ", ".join(_short(arg) for arg in self.args)
         if self.kwargs:
             params += ", " if params else ""
-            params += ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+            params += ", ".join(f"{k}={_short(v)}" for k, v in self.kwargs.items())
         return f"{self.actor_name}({params})"
+
+
+# str(message) is how log lines name a job (a failure, say): each argument's repr is
+# cut to this many characters, so that a job given a document or a blob logs a line
+# someone can read rather than the whole payload.
+ARG_REPR_LIMIT = 200
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= ARG_REPR_LIMIT:
+        return text
+    return f"{text[:ARG_REPR_LIMIT]}... ({len(text):,} characters)"

@@ -185,7 +185,13 @@ class Worker:
                     proxy.fail(reason)
             proxy.stuff_exception(e)
             if not proxy.failed:
-                logger.warning("%s failed: %r", proxy.message, e, exc_info=logger.isEnabledFor(logging.DEBUG))
+                logger.warning(
+                    "%s failed (message %s): %r",
+                    proxy.message,
+                    proxy.message_id,
+                    e,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
             broker.emit_after("process_message", proxy, exception=e)
 
     def settle(self, consumer: Consumer, proxy: MessageProxy) -> None:

@@ -231,6 +231,22 @@ def test_a_failing_after_hook_is_logged_not_fatal(stub_broker, stub_worker, capl
     assert "hook bug" in caplog.text
 
 
+def test_a_failure_is_logged_with_its_message_id_and_arguments_cut_short(stub_broker, stub_worker, caplog):
+    @actor(broker=stub_broker, actor_name="index_document", max_retries=0)
+    def index_document(document: str, *, tag: str) -> None:
+        raise ValueError("cannot index")
+
+    caplog.set_level(logging.WARNING, logger="djqueue.worker")
+    sent = index_document.send("x" * 1_000_000, tag="short")
+    stub_worker.start()
+    stub_worker.join(timeout=10_000)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("index_document(")]
+    assert line.startswith("index_document('xxx") and "cannot index" in line
+    assert sent.message_id in line, "an operator finds the dead letter by its message id"
+    assert "(1,000,002 characters)" in line and "tag='short'" in line
+    assert len(line) < 1_000
+
+
 def test_graceful_stop_gives_back_unstarted_messages(stub_broker):
     from djqueue import Worker
 
