@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from importlib import import_module
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError
 from .base import Broker, Consumer, MessageProxy, QueueStats
@@ -38,6 +38,11 @@ _broker: Broker | None = None
 _lock = threading.Lock()
 
 
+# Query parameters whose value is masked too: redis-py takes ``?password=`` (and TLS
+# key passwords) from the query string as well as from the user information.
+_SECRET_PARAMETERS = ("password", "passwd", "secret", "token")
+
+
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, for logs, banners and errors."""
     masked = []
@@ -51,8 +56,17 @@ def mask_url(url: str) -> str:
             netloc = parts.netloc.rsplit("@", 1)[1]
             user = parts.username or ""
             parts = parts._replace(netloc=f"{user}:***@{netloc}")
+        if parts.query:
+            parts = parts._replace(query="&".join(map(_mask_parameter, parts.query.split("&"))))
         masked.append(urlunsplit(parts))
     return ";".join(masked)
+
+
+def _mask_parameter(parameter: str) -> str:
+    name, equals, _ = parameter.partition("=")
+    if equals and any(word in unquote(name).lower() for word in _SECRET_PARAMETERS):
+        return f"{name}=***"
+    return parameter
 
 
 def broker_class_for(url: str) -> type[Broker]:

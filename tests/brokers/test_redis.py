@@ -582,6 +582,9 @@ def test_a_batch_whose_connection_is_lost_stores_every_message(make_broker, queu
 def test_from_url_does_not_connect_and_urls_are_checked():
     broker = RedisBroker.from_url("redis://user:s3cret@127.0.0.1:1/2", middleware=[], namespace="x")
     assert "s3cret" not in broker.describe() and "127.0.0.1:1/2" in broker.describe()
+    in_query = RedisBroker.from_url("redis://127.0.0.1:1/2?password=s3cret", middleware=[], namespace="x")
+    assert in_query.client.connection_pool.connection_kwargs["password"] == "s3cret"
+    assert "s3cret" not in in_query.describe() and "password=***" in in_query.describe()
     RedisBroker.check_url("rediss://:pw@redis.example.com:6380/0")
     RedisBroker.check_url("redis://localhost?db=3")
     for url, words in [

@@ -237,3 +237,9 @@ def test_mask_url():
     assert mask_url("amqp://guest:guest@localhost:5672/%2F") == "amqp://guest:***@localhost:5672/%2F"
     assert mask_url("redis://:pw@h:1/0;redis://:pw2@h2:1/0") == "redis://:***@h:1/0;redis://:***@h2:1/0"
     assert mask_url("db://default") == "db://default"
+    # redis-py also takes a password, and a TLS key's, from the query string.
+    assert (
+        mask_url("redis://h:1/0?password=s3cret&socket_timeout=5")
+        == "redis://h:1/0?password=***&socket_timeout=5"
+    )
+    assert mask_url("rediss://h/0?ssl_password=k%2Fy&db=2") == "rediss://h/0?ssl_password=***&db=2"
