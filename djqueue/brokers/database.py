@@ -327,11 +327,7 @@ def _parse_alias(url: str) -> str:
     except ValueError as e:
         raise ConfigurationError(f"cannot parse {mask_url(url)!r}: {e}") from None
     if parts.scheme != "db" or not parts.netloc or parts.path not in ("", "/") or parts.query:
-        options = (
-            f"; the broker's options ({parts.query}) go in DJQUEUE['BROKER_OPTIONS'], not the URL"
-            if parts.query
-            else ""
-        )
+        options = "; the broker's options go in DJQUEUE['BROKER_OPTIONS'], not the URL" if parts.query else ""
         raise ConfigurationError(
             f"{mask_url(url)!r} is not a database broker URL: use db://ALIAS, where ALIAS is a key "
             f"of settings.DATABASES (e.g. db://default){options}"

@@ -1161,7 +1161,8 @@ def test_from_url_check_url_and_describe():
         ("db://", "settings.DATABASES"),
         ("db://nope", "'nope', which is not a key of settings.DATABASES"),
         ("db://default/extra", "db://ALIAS"),
-        ("db://default?listen=false", "options (listen=false) go in DJQUEUE['BROKER_OPTIONS']"),
+        ("db://default?listen=false", "options go in DJQUEUE['BROKER_OPTIONS']"),
+        ("db://default?password=s3cret", "'db://default?password=***' is not a database broker URL"),
     ]:
         with pytest.raises(ConfigurationError, match="DATABASES") as raised:
             DatabaseBroker.check_url(url)
