@@ -31,8 +31,8 @@ class Command(BaseCommand):
         abandoned = Order.objects.create(email="cy@example.com", total_cents=500)
 
         receipt = send_receipt.send(paid.pk)
-        charge_card.send(paid.pk, "4242424242424242")
-        bad_charge = charge_card.send(declined.pk, "4000000000000002")
+        charge_card.send(paid.pk, "tok_visa")
+        bad_charge = charge_card.send(declined.pk, "tok_chargeDeclined")
         reminder_sent = timezone.now()
         remind_abandoned_cart.send_with_options(args=(abandoned.pk,), delay=REMINDER_DELAY)
         self.stdout.write(
