@@ -277,7 +277,7 @@ def _check_sqlite() -> list[Any]:
             alias = urlsplit(url).netloc
         except ValueError:
             alias = ""  # reported by E002
-        uses.setdefault(alias, []).append(f"the database broker's queue ({url})")
+        uses.setdefault(alias, []).append(f"the database broker's queue ({mask_url(url)})")
     uses.setdefault(router.db_for_write(DeadLetter), []).append("dead letters")
     if conf.get("RESULT_BACKEND") == "db":
         uses.setdefault(router.db_for_write(TaskResult), []).append("results (RESULT_BACKEND 'db')")
