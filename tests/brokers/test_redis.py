@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -528,55 +529,51 @@ def test_cancel_purge_and_stats(make_broker, queue, raw, namespace):
     assert leftover(raw, namespace, queue) == {}
 
 
-def test_a_cancel_whose_reply_was_lost_still_returns_true(make_broker, queue):
+@pytest.fixture
+def relayed(make_broker: Any) -> Iterator[tuple[RedisBroker, Relay]]:
+    """A broker whose connections to Redis pass through a Relay, which can lose a reply."""
     parts = urlsplit(REDIS_URL)
     relay = Relay(parts.port or 6379)
     credentials = parts.netloc.rpartition("@")[0]
     address = f"127.0.0.1:{relay.port}"
+    url = parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
     try:
-        broker = make_broker(
-            parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
-        )
-        sent = broker.enqueue(make_message(queue, 1))
-        kept = broker.enqueue(make_message(queue, 2))
-        # Connected, with the script loaded: the next reply is the cancel's own.
-        assert broker.cancel(str(uuid.uuid4())) is False
-        relay.drop_reply.set()
-        assert broker.cancel(sent.message_id) is True, "repeated after the lost reply, it did cancel"
-        assert relay.dropped == 1
-        assert broker.cancel(sent.message_id) is False, "a later call finds nothing to cancel"
-        assert broker.cancel(kept.message_id) is True
-        assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+        yield make_broker(url), relay
     finally:
         relay.close()
 
 
-def test_a_batch_whose_connection_is_lost_stores_every_message(make_broker, queue):
-    parts = urlsplit(REDIS_URL)
-    relay = Relay(parts.port or 6379)
-    credentials = parts.netloc.rpartition("@")[0]
-    address = f"127.0.0.1:{relay.port}"
-    try:
-        broker = make_broker(
-            parts._replace(netloc=f"{credentials}@{address}" if credentials else address).geturl()
-        )
-        # Connected, with the script loaded: the next reply is the batch's first call's.
-        broker.enqueue(make_message(queue, "first"))
-        batch = [make_message(queue, n) for n in range(3 * ENQUEUE_CHUNK)]  # three calls
-        relay.drop_reply.set()
-        broker.enqueue_many(batch)
-        assert relay.dropped == 1
-        consumer = broker.consume(queue, prefetch=100, timeout=100)
-        stored = []
-        while (proxy := next(consumer)) is not None:
-            stored.append(proxy.message_id)
-            consumer.ack(proxy)
-        consumer.close()
-        # At least once: a call whose reply was lost ran, and ran again.
-        assert {m.message_id for m in batch} <= set(stored)
-        assert len(stored) <= 2 * len(batch) + 1
-    finally:
-        relay.close()
+def test_a_cancel_whose_reply_was_lost_still_returns_true(relayed, queue):
+    broker, relay = relayed
+    sent = broker.enqueue(make_message(queue, 1))
+    kept = broker.enqueue(make_message(queue, 2))
+    # Connected, with the script loaded: the next reply is the cancel's own.
+    assert broker.cancel(str(uuid.uuid4())) is False
+    relay.drop_reply.set()
+    assert broker.cancel(sent.message_id) is True, "repeated after the lost reply, it did cancel"
+    assert relay.dropped == 1
+    assert broker.cancel(sent.message_id) is False, "a later call finds nothing to cancel"
+    assert broker.cancel(kept.message_id) is True
+    assert broker.get_queue_stats(queue)[:3] == (0, 0, 0)
+
+
+def test_a_batch_whose_connection_is_lost_stores_every_message(relayed, queue):
+    broker, relay = relayed
+    # Connected, with the script loaded: the next reply is the batch's first call's.
+    broker.enqueue(make_message(queue, "first"))
+    batch = [make_message(queue, n) for n in range(3 * ENQUEUE_CHUNK)]  # three calls
+    relay.drop_reply.set()
+    broker.enqueue_many(batch)
+    assert relay.dropped == 1
+    consumer = broker.consume(queue, prefetch=100, timeout=100)
+    stored = []
+    while (proxy := next(consumer)) is not None:
+        stored.append(proxy.message_id)
+        consumer.ack(proxy)
+    consumer.close()
+    # At least once: a call whose reply was lost ran, and ran again.
+    assert {m.message_id for m in batch} <= set(stored)
+    assert len(stored) <= 2 * len(batch) + 1
 
 
 def test_from_url_does_not_connect_and_urls_are_checked():
