@@ -165,6 +165,14 @@ def test_sqlite_broker_without_immediate_transactions_is_warned_about():
         assert (
             "['OPTIONS'] = {'transaction_mode': 'IMMEDIATE', 'timeout': 20, 'init_command':" in warning.hint
         )
+    # A URL that also fails E002 (a query string) is named with its secrets masked.
+    with (
+        databases(default=sqlite()),
+        override_settings(DJQUEUE={"BROKER_URL": "db://default?password=s3cret"}),
+    ):
+        messages = [error.msg for error in check_settings()]
+    assert any("database broker's queue (db://default?password=***)" in msg for msg in messages), messages
+    assert not any("s3cret" in msg for msg in messages), messages
     for config in (
         sqlite(transaction_mode="IMMEDIATE", timeout=20),
         sqlite(transaction_mode="immediate"),
