@@ -349,19 +349,10 @@ def test_a_failed_give_back_of_skipped_messages_does_not_fail_the_consumer(make,
     consumer.close()
 
 
-class DeadLettersOnPostgres:
-    """Routes DeadLetter rows to PostgreSQL (the suite's default database is SQLite)."""
-
-    def db_for_write(self, model: Any, **hints: Any) -> str | None:
-        return "postgres" if model is DeadLetter else None
-
-    db_for_read = db_for_write
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("alias", ["postgres"])
 def test_payloads_and_arguments_with_nul_characters_are_dead_lettered_on_postgresql(make, queue, settings):
-    settings.DATABASE_ROUTERS = [f"{__name__}.DeadLettersOnPostgres"]
+    settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
     broker = make()
 
     @actor(broker=broker, actor_name="refuses_nul", queue_name=queue, max_retries=0)
@@ -386,7 +377,7 @@ def test_payloads_and_arguments_with_nul_characters_are_dead_lettered_on_postgre
 @pytest.mark.postgres
 @pytest.mark.parametrize("alias", ["postgres"])
 def test_a_message_whose_dead_letter_cannot_be_stored_stays_queued(make, queue, settings):
-    settings.DATABASE_ROUTERS = [f"{__name__}.DeadLettersOnPostgres"]
+    settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
     broker = make(lease=1000)
 
     @actor(broker=broker, actor_name="always_fails", queue_name=queue, max_retries=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import pytest
 
@@ -15,20 +14,11 @@ from djqueue.models import DeadLetter
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
 
 
-class DeadLettersOnPostgres:
-    """Routes DeadLetter rows to PostgreSQL (the suite's default database is SQLite)."""
-
-    def db_for_write(self, model: Any, **hints: Any) -> str | None:
-        return "postgres" if model is DeadLetter else None
-
-    db_for_read = db_for_write
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database(request, settings) -> str:
     """Where the rows go: each database refuses other things in a JSON column."""
     if request.param == "postgres":
-        settings.DATABASE_ROUTERS = [f"{__name__}.DeadLettersOnPostgres"]
+        settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
         return "postgres"
     return "default"
 
