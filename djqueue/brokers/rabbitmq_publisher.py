@@ -10,6 +10,7 @@ client (see ``RabbitmqBroker._publisher``); pika's parser and method classes do 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import logging
@@ -439,12 +440,11 @@ class Publisher(AmqpClient):
                     f"{entry.queue_name!r} declared again each time (exchange {entry.exchange.decode()!r}, "
                     f"routing key {entry.routing_key.decode()!r})"
                 )
-                kept = self._dead_letter(entry, reason)
                 logger.error(
-                    "cannot publish message %s: %s; %s",
+                    "cannot publish message %s: %s; it was %s",
                     _message_id(entry.body),
                     reason,
-                    "dead-lettered (a DeadLetter row)" if kept else "dropped",
+                    self._dead_letter(entry, reason),
                 )
                 continue
             try:
@@ -478,32 +478,46 @@ class Publisher(AmqpClient):
         self.outbox.remove(refused)
         self.probing, self.probe, self.refusals = False, None, 0
         reason = f"RabbitMQ refused it {MAX_REFUSALS} times ({error})"
-        kept = self._dead_letter(refused, reason)
         text = (
             f"RabbitMQ refused message {_message_id(refused.body)} for {refused.queue_name!r} "
-            f"{MAX_REFUSALS} times ({error}); "
-            + ("it was dead-lettered (a DeadLetter row)" if kept else "it was dropped")
+            f"{MAX_REFUSALS} times ({error}); it was {self._dead_letter(refused, reason)}"
         )
         logger.error("%s", text)
         raise ConnectionError(self._failure(text))
 
-    def _dead_letter(self, entry: Pending, reason: str) -> bool:
+    def _dead_letter(self, entry: Pending, reason: str) -> str:
         """Hand a message this thread gives up publishing to the broker's dead-letter hooks,
         as a worker does with a message that failed for good, so that it is not lost with
-        it (the DeadLetters middleware stores its row). Whether a hook kept it."""
+        it (the DeadLetters middleware stores its row). What became of it, for the log."""
         try:
             proxy = MessageProxy(Message.decode(entry.body), data=entry.body)
         except DecodeError as e:  # a body of enqueue_raw's
             proxy = MessageProxy.malformed(entry.body, e, entry.queue_name)
         proxy.fail(reason)
+        # The message may be one an earlier send returned for, under another transaction
+        # or none: its row must not roll back with the transaction this thread has open.
+        # Nor can an event loop's thread (an async actor's, an async view's) use the ORM.
+        transaction = _open_transaction()
         try:
-            # The before-hooks only: they store rows, where an after-hook may send (an
-            # on_failure callback), which under this thread's publisher lock would hang.
-            self.broker.emit_before("nack", proxy)
+            if transaction == "sqlite":
+                # SQLite has one writer, and this thread's transaction may hold it: another
+                # connection would wait for it until its timeout.
+                self._emit_nack(proxy)
+                if proxy.dead_lettered:
+                    return "dead-lettered (a DeadLetter row, in this thread's open SQLite transaction)"
+            elif transaction is not None or _in_event_loop():
+                _on_a_thread_of_its_own(self._emit_nack, proxy)
+            else:
+                self._emit_nack(proxy)
         except Exception:
             logger.exception("could not dead-letter message %s", proxy.message_id)
-            return False
-        return proxy.dead_lettered
+            return "dropped"
+        return "dead-lettered (a DeadLetter row)" if proxy.dead_lettered else "dropped"
+
+    def _emit_nack(self, proxy: MessageProxy) -> None:
+        # The before-hooks only: they store rows, where an after-hook may send (an
+        # on_failure callback), which under this thread's publisher lock would hang.
+        self.broker.emit_before("nack", proxy)
 
     def _drop(self, reason: str) -> None:
         """Forget the connection; its unconfirmed messages go first in the outbox."""
@@ -640,6 +654,51 @@ class Publisher(AmqpClient):
                 )
                 return
         logger.error("RabbitMQ returned an unroutable message for routing key %r", method.routing_key)
+
+
+def _open_transaction() -> str | None:
+    """The vendor of a database on which this thread has a transaction open, or None."""
+    from django.db import connections
+
+    vendors = {
+        connection.vendor
+        for connection in connections.all(initialized_only=True)
+        if connection.in_atomic_block or (connection.connection is not None and not connection.autocommit)
+    }
+    if not vendors:
+        return None
+    return "sqlite" if "sqlite" in vendors else vendors.pop()
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _on_a_thread_of_its_own(function: Any, *args: Any) -> None:
+    """Run ``function`` on a new thread and wait for it. Django gives each thread its own
+    database connections, so what it writes commits at once, outside any transaction
+    of the calling thread."""
+    from django.db import connections
+
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            function(*args)
+        except BaseException as e:
+            raised.append(e)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, name=f"{threading.current_thread().name}-dead-letter")
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised[0]
 
 
 def _message_id(body: bytes) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -15,6 +16,7 @@ from urllib.parse import quote
 
 import pika
 import pytest
+from django.db import transaction
 from pika import spec
 
 from djqueue import Worker, actor, encoder
@@ -691,6 +693,93 @@ def test_a_message_the_publisher_gives_up_on_is_dead_lettered(make_broker, queue
     row = DeadLetter.objects.get(message_id=given_up.message_id)
     assert expected in row.exception_message and row.args == [failure]
     assert (row.actor_name, row.queue_name) == ("record", queue)
+
+
+class Rollback(Exception):
+    pass
+
+
+def give_up_on(broker, publisher, queue: str, given_up: Message, failure: str, monkeypatch) -> str | None:
+    """Make ``publisher`` give up on ``given_up`` in this thread (the test holds its lock,
+    which keeps the sweeper off), returned as unroutable or refused every time; the
+    error a refusal raises."""
+    exchange = b""
+    if failure == "returned":
+        monkeypatch.setattr(broker, "_redeclare", lambda queue_name: None)
+        connection, channel = raw_channel()
+        channel.queue_delete(queue)
+        connection.close()
+    else:
+        exchange = b"djqueue.no-such-exchange"
+    publisher.publish([Pending(queue, exchange, queue.encode(), given_up.encode(), 0)], 1000)
+    if failure == "returned":
+        publisher.publish([], 1)  # what flush() does
+        return
+    with pytest.raises(ConnectionError, match=f"refused message {given_up.message_id}") as raised:
+        publisher.publish([], 1)
+    return str(raised.value)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+@pytest.mark.parametrize("failure", ["returned", "refused"])
+def test_a_dead_letter_the_publisher_writes_outlives_a_rolled_back_transaction(
+    make_broker, queue, monkeypatch, settings, failure
+):
+    # The message given up on may be one whose send returned long before, in another
+    # transaction or none: its row is all that is left of it, and must not roll back
+    # with the transaction that the thread which noticed has open.
+    settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
+    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    given_up = message(queue, failure)
+    publisher = broker._publisher()
+    with publisher.lock, pytest.raises(Rollback), transaction.atomic(using="postgres"):
+        DeadLetter.objects.create(message_id=uuid.uuid4().hex, queue_name=queue, actor_name="rolled_back")
+        give_up_on(broker, publisher, queue, given_up, failure, monkeypatch)
+        raise Rollback
+    dead = DeadLetter.objects.using("postgres").filter(queue_name=queue)
+    assert [row.actor_name for row in dead] == ["record"], "the row rolled back"
+    assert dead.get().message_id == given_up.message_id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dead_letter_is_written_when_the_publisher_gives_up_in_an_event_loop(
+    make_broker, queue, monkeypatch
+):
+    # An async actor sends from the worker's event loop, an async view from the server's:
+    # there Django refuses the ORM (SynchronousOnlyOperation), which would drop the message.
+    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    given_up = message(queue, "refused")
+    publisher = broker._publisher()
+
+    async def send_from_the_loop() -> str | None:
+        return give_up_on(broker, publisher, queue, given_up, "refused", monkeypatch)
+
+    with publisher.lock:
+        error = asyncio.run(send_from_the_loop())
+    assert "it was dead-lettered (a DeadLetter row)" in error
+    assert DeadLetter.objects.get(message_id=given_up.message_id).queue_name == queue
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_an_open_sqlite_transaction_the_publisher_says_where_the_dead_letter_is(
+    make_broker, queue, monkeypatch
+):
+    # SQLite has one writer, which this thread's transaction holds: the row is written in
+    # it at once, rather than by another connection that would wait for the lock, and
+    # the error says so.
+    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    given_up = message(queue, "refused")
+    publisher = broker._publisher()
+    started = time.monotonic()
+    with publisher.lock, transaction.atomic():
+        error = give_up_on(broker, publisher, queue, given_up, "refused", monkeypatch)
+        assert "in this thread's open SQLite transaction" in error
+        assert DeadLetter.objects.filter(message_id=given_up.message_id).exists()
+    assert time.monotonic() - started < 10, "it waited for SQLite's lock"
 
 
 def test_flush_waits_for_a_message_the_sweeper_is_moving(make_broker, queue):
