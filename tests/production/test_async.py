@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.core.exceptions import SynchronousOnlyOperation
 
 from djqueue import Middleware, Worker, actor
+from djqueue.brokers.database import DatabaseBroker
 from djqueue.models import DeadLetter
 from tests.process import wait_for
 from tests.testapp.models import Execution
@@ -168,3 +172,35 @@ def test_a_concurrent_limiter_holds_across_awaits(stub_broker, memory_backend):
     finally:
         worker.stop(timeout=5_000)
     assert running == {"now": 0, "max": 1, "done": 6}
+
+
+def test_an_async_actor_sends_on_the_database_broker_through_sync_to_async():
+    # The database broker's send() is an INSERT through the Django ORM, which Django
+    # refuses inside an event loop; docs/production.md gives sync_to_async for it.
+    broker = DatabaseBroker.from_url("db://default")
+    queue = f"async_{uuid.uuid4().hex[:8]}"
+    direct: list[BaseException] = []
+
+    @actor(broker=broker, actor_name="async_follow_up", queue_name=queue)
+    def follow_up(value: str) -> None:
+        Execution.objects.create(actor_name="async_follow_up", value=value)
+
+    @actor(broker=broker, actor_name="async_sender", queue_name=queue, max_retries=0)
+    async def sender(value: str) -> None:
+        try:
+            follow_up.send(value)
+        except SynchronousOnlyOperation as e:
+            direct.append(e)
+        await sync_to_async(follow_up.send)(value)
+
+    sender.send("sent from a coroutine")
+    worker = Worker(broker, queues=[queue], worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        worker.join(timeout=30_000)
+    finally:
+        worker.stop(timeout=5_000)
+        broker.close()
+    assert [row.value for row in Execution.objects.all()] == ["sent from a coroutine"]
+    assert len(direct) == 1, "a plain send() from the event loop is refused, not half done"
+    assert not DeadLetter.objects.exists()
