@@ -246,6 +246,8 @@ class Publisher(AmqpClient):
         self.refusals = 0  # channel closes while the probe was alone in flight
         # Closed by the broker's close(): never published on again (under the lock).
         self.retired = False
+        # The messages of the publish() under way: its caller is told if one is refused.
+        self.sending: list[Pending] = []
 
     def waiting(self) -> bool:
         """Whether messages of this thread still wait for a confirm or to be published
@@ -279,6 +281,7 @@ class Publisher(AmqpClient):
 
     def publish(self, entries: list[Pending], limit: int, timeout: int | None = None) -> None:
         self.outbox.extend(entries)
+        self.sending = entries
         try:
             self._run(limit, timeout or self.broker.confirm_timeout)
         except ConnectionError:
@@ -286,6 +289,8 @@ class Publisher(AmqpClient):
             for entry in entries:
                 self._withdraw(entry)
             raise
+        finally:
+            self.sending = []
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -478,33 +483,36 @@ class Publisher(AmqpClient):
         self.outbox.remove(refused)
         self.probing, self.probe, self.refusals = False, None, 0
         reason = f"RabbitMQ refused it {MAX_REFUSALS} times ({error})"
+        told = any(refused is entry for entry in self.sending)
         text = (
             f"RabbitMQ refused message {_message_id(refused.body)} for {refused.queue_name!r} "
-            f"{MAX_REFUSALS} times ({error}); it was {self._dead_letter(refused, reason)}"
+            f"{MAX_REFUSALS} times ({error}); it was {self._dead_letter(refused, reason, told=told)}"
         )
         logger.error("%s", text)
         raise ConnectionError(self._failure(text))
 
-    def _dead_letter(self, entry: Pending, reason: str) -> str:
+    def _dead_letter(self, entry: Pending, reason: str, *, told: bool = False) -> str:
         """Hand a message this thread gives up publishing to the broker's dead-letter hooks,
         as a worker does with a message that failed for good, so that it is not lost with
-        it (the DeadLetters middleware stores its row). What became of it, for the log."""
+        it (the DeadLetters middleware stores its row). ``told``: the send of that very
+        message is about to raise. What became of it, for the log."""
         try:
             proxy = MessageProxy(Message.decode(entry.body), data=entry.body)
         except DecodeError as e:  # a body of enqueue_raw's
             proxy = MessageProxy.malformed(entry.body, e, entry.queue_name)
         proxy.fail(reason)
-        # The message may be one an earlier send returned for, under another transaction
-        # or none: its row must not roll back with the transaction this thread has open.
-        # Nor can an event loop's thread (an async actor's, an async view's) use the ORM.
+        # A message an earlier send returned for, under another transaction or none: its
+        # row must not roll back with the transaction this thread has open. Nor can an
+        # event loop's thread (an async actor's, an async view's) use the ORM.
         transaction = _open_transaction()
         try:
-            if transaction == "sqlite":
-                # SQLite has one writer, and this thread's transaction may hold it: another
-                # connection would wait for it until its timeout.
+            if transaction is not None and (told or transaction == "sqlite"):
+                # The caller's own message, whose send raises: its transaction decides, as
+                # it does for everything else it wrote. SQLite has one writer, which this
+                # transaction may hold: another connection would wait until its timeout.
                 self._emit_nack(proxy)
                 if proxy.dead_lettered:
-                    return "dead-lettered (a DeadLetter row, in this thread's open SQLite transaction)"
+                    return "dead-lettered (a DeadLetter row, in this thread's open transaction)"
             elif transaction is not None or _in_event_loop():
                 _on_a_thread_of_its_own(self._emit_nack, proxy)
             else:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -743,6 +744,30 @@ def test_a_dead_letter_the_publisher_writes_outlives_a_rolled_back_transaction(
     assert dead.get().message_id == given_up.message_id
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_the_row_of_a_send_that_raises_for_its_own_message_is_its_transaction_s(
+    make_broker, queue, settings, outcome
+):
+    # This send is told that its own message was refused, as a send that fails is: its
+    # transaction decides, as for the rest it wrote, and a rolled-back one leaves no row
+    # of a job that was never sent (an admin retry's keeps the old row dead instead).
+    settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
+    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    given_up = message(queue, "refused")
+    refused = Pending(queue, b"djqueue.no-such-exchange", queue.encode(), given_up.encode(), 0)
+    publisher = broker._publisher()
+    with publisher.lock, contextlib.suppress(Rollback), transaction.atomic(using="postgres"):
+        with pytest.raises(ConnectionError, match="in this thread's open transaction"):
+            publisher.publish([refused], 1)  # waits for its confirm: the refusals come to it
+        if outcome == "rollback":
+            raise Rollback
+    kept = DeadLetter.objects.using("postgres").filter(message_id=given_up.message_id).exists()
+    assert kept == (outcome == "commit")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_dead_letter_is_written_when_the_publisher_gives_up_in_an_event_loop(
     make_broker, queue, monkeypatch
@@ -777,7 +802,7 @@ def test_in_an_open_sqlite_transaction_the_publisher_says_where_the_dead_letter_
     started = time.monotonic()
     with publisher.lock, transaction.atomic():
         error = give_up_on(broker, publisher, queue, given_up, "refused", monkeypatch)
-        assert "in this thread's open SQLite transaction" in error
+        assert "in this thread's open transaction" in error
         assert DeadLetter.objects.filter(message_id=given_up.message_id).exists()
     assert time.monotonic() - started < 10, "it waited for SQLite's lock"
 
