@@ -635,16 +635,29 @@ def test_a_deleted_queue_is_declared_again_instead_of_dropping_messages(broker, 
 # -- connections ------------------------------------------------------------------------
 
 
+# In real life: a body over RabbitMQ's max_message_size (128 MiB on this server, too much
+# for a test). An exchange that does not exist gets the same answer on every try, a
+# channel close.
+NO_SUCH_EXCHANGE = b"djqueue.no-such-exchange"
+
+
+@pytest.fixture
+def dead_lettering(make_broker, queue):
+    """A broker with the DeadLetters middleware and ``queue`` declared, and this thread's
+    publisher."""
+    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
+    broker.ensure_queue(queue)
+    return broker, broker._publisher()
+
+
 def test_a_message_rabbitmq_always_refuses_is_dropped_and_the_thread_publishes_on(make_broker, queue, caplog):
     broker = make_broker(confirm_timeout=3000)
     broker.ensure_queue(queue)
     innocent, refused = message(queue, "innocent"), message(queue, "refused")
-    # In real life: a body over RabbitMQ's max_message_size (128 MiB on this server, too
-    # much for a test). An exchange that does not exist gets the same answer on every
-    # try, a channel close. The publisher's own verb writes both, as a send does.
+    # The publisher's own verb writes both, as a send does.
     entries = [
         Pending(queue, b"", queue.encode(), innocent.encode(), 0),
-        Pending(queue, b"djqueue.no-such-exchange", queue.encode(), refused.encode(), 0),
+        Pending(queue, NO_SUCH_EXCHANGE, queue.encode(), refused.encode(), 0),
     ]
     publisher = broker._publisher()
     with caplog.at_level(logging.ERROR, logger="djqueue.broker.rabbitmq"), publisher.lock:
@@ -668,13 +681,11 @@ def test_a_message_rabbitmq_always_refuses_is_dropped_and_the_thread_publishes_o
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("failure", ["returned", "refused"])
-def test_a_message_the_publisher_gives_up_on_is_dead_lettered(make_broker, queue, monkeypatch, failure):
+def test_a_message_the_publisher_gives_up_on_is_dead_lettered(dead_lettering, queue, monkeypatch, failure):
     # Dropped by the publisher, it would be lost although its send() returned: it gets
     # its DeadLetter row, as a message that failed for good in a worker does.
-    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
-    broker.ensure_queue(queue)
+    broker, publisher = dead_lettering
     given_up = message(queue, failure)
-    publisher = broker._publisher()
     if failure == "returned":
         # Its queue is deleted, and declaring it again does nothing: returned every time.
         monkeypatch.setattr(broker, "_redeclare", lambda queue_name: None)
@@ -686,10 +697,7 @@ def test_a_message_the_publisher_gives_up_on_is_dead_lettered(make_broker, queue
         expected = "returned it as unroutable 3 times"
     else:
         with publisher.lock:
-            exchange = b"djqueue.no-such-exchange"
-            publisher.publish([Pending(queue, exchange, queue.encode(), given_up.encode(), 0)], 1000)
-            with pytest.raises(ConnectionError, match="it was dead-lettered"):
-                publisher.publish([], 1)
+            assert "it was dead-lettered" in give_up_on(dead_lettering, queue, given_up, failure, monkeypatch)
         expected = f"refused it {MAX_REFUSALS} times"
     row = DeadLetter.objects.get(message_id=given_up.message_id)
     assert expected in row.exception_message and row.args == [failure]
@@ -700,10 +708,11 @@ class Rollback(Exception):
     pass
 
 
-def give_up_on(broker, publisher, queue: str, given_up: Message, failure: str, monkeypatch) -> str | None:
-    """Make ``publisher`` give up on ``given_up`` in this thread (the test holds its lock,
+def give_up_on(dead_lettering, queue: str, given_up: Message, failure: str, monkeypatch) -> str | None:
+    """Make the publisher give up on ``given_up`` in this thread (the test holds its lock,
     which keeps the sweeper off), returned as unroutable or refused every time; the
     error a refusal raises."""
+    broker, publisher = dead_lettering
     exchange = b""
     if failure == "returned":
         monkeypatch.setattr(broker, "_redeclare", lambda queue_name: None)
@@ -711,7 +720,7 @@ def give_up_on(broker, publisher, queue: str, given_up: Message, failure: str, m
         channel.queue_delete(queue)
         connection.close()
     else:
-        exchange = b"djqueue.no-such-exchange"
+        exchange = NO_SUCH_EXCHANGE
     publisher.publish([Pending(queue, exchange, queue.encode(), given_up.encode(), 0)], 1000)
     if failure == "returned":
         publisher.publish([], 1)  # what flush() does
@@ -725,19 +734,17 @@ def give_up_on(broker, publisher, queue: str, given_up: Message, failure: str, m
 @pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
 @pytest.mark.parametrize("failure", ["returned", "refused"])
 def test_a_dead_letter_the_publisher_writes_outlives_a_rolled_back_transaction(
-    make_broker, queue, monkeypatch, settings, failure
+    dead_lettering, queue, monkeypatch, settings, failure
 ):
     # The message given up on may be one whose send returned long before, in another
     # transaction or none: its row is all that is left of it, and must not roll back
     # with the transaction that the thread which noticed has open.
     settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
-    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
-    broker.ensure_queue(queue)
+    _, publisher = dead_lettering
     given_up = message(queue, failure)
-    publisher = broker._publisher()
     with publisher.lock, pytest.raises(Rollback), transaction.atomic(using="postgres"):
         DeadLetter.objects.create(message_id=uuid.uuid4().hex, queue_name=queue, actor_name="rolled_back")
-        give_up_on(broker, publisher, queue, given_up, failure, monkeypatch)
+        give_up_on(dead_lettering, queue, given_up, failure, monkeypatch)
         raise Rollback
     dead = DeadLetter.objects.using("postgres").filter(queue_name=queue)
     assert [row.actor_name for row in dead] == ["record"], "the row rolled back"
@@ -748,17 +755,15 @@ def test_a_dead_letter_the_publisher_writes_outlives_a_rolled_back_transaction(
 @pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
 @pytest.mark.parametrize("outcome", ["commit", "rollback"])
 def test_the_row_of_a_send_that_raises_for_its_own_message_is_its_transaction_s(
-    make_broker, queue, settings, outcome
+    dead_lettering, queue, settings, outcome
 ):
     # This send is told that its own message was refused, as a send that fails is: its
     # transaction decides, as for the rest it wrote, and a rolled-back one leaves no row
     # of a job that was never sent (an admin retry's keeps the old row dead instead).
     settings.DATABASE_ROUTERS = ["tests.routers.DeadLettersOnPostgres"]
-    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
-    broker.ensure_queue(queue)
+    _, publisher = dead_lettering
     given_up = message(queue, "refused")
-    refused = Pending(queue, b"djqueue.no-such-exchange", queue.encode(), given_up.encode(), 0)
-    publisher = broker._publisher()
+    refused = Pending(queue, NO_SUCH_EXCHANGE, queue.encode(), given_up.encode(), 0)
     with publisher.lock, contextlib.suppress(Rollback), transaction.atomic(using="postgres"):
         with pytest.raises(ConnectionError, match="in this thread's open transaction"):
             publisher.publish([refused], 1)  # waits for its confirm: the refusals come to it
@@ -770,17 +775,15 @@ def test_the_row_of_a_send_that_raises_for_its_own_message_is_its_transaction_s(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_dead_letter_is_written_when_the_publisher_gives_up_in_an_event_loop(
-    make_broker, queue, monkeypatch
+    dead_lettering, queue, monkeypatch
 ):
     # An async actor sends from the worker's event loop, an async view from the server's:
     # there Django refuses the ORM (SynchronousOnlyOperation), which would drop the message.
-    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
-    broker.ensure_queue(queue)
+    _, publisher = dead_lettering
     given_up = message(queue, "refused")
-    publisher = broker._publisher()
 
     async def send_from_the_loop() -> str | None:
-        return give_up_on(broker, publisher, queue, given_up, "refused", monkeypatch)
+        return give_up_on(dead_lettering, queue, given_up, "refused", monkeypatch)
 
     with publisher.lock:
         error = asyncio.run(send_from_the_loop())
@@ -790,18 +793,16 @@ def test_a_dead_letter_is_written_when_the_publisher_gives_up_in_an_event_loop(
 
 @pytest.mark.django_db(transaction=True)
 def test_in_an_open_sqlite_transaction_the_publisher_says_where_the_dead_letter_is(
-    make_broker, queue, monkeypatch
+    dead_lettering, queue, monkeypatch
 ):
     # SQLite has one writer, which this thread's transaction holds: the row is written in
     # it at once, rather than by another connection that would wait for the lock, and
     # the error says so.
-    broker = make_broker(middleware=[DeadLetters()], confirm_timeout=3000)
-    broker.ensure_queue(queue)
+    _, publisher = dead_lettering
     given_up = message(queue, "refused")
-    publisher = broker._publisher()
     started = time.monotonic()
     with publisher.lock, transaction.atomic():
-        error = give_up_on(broker, publisher, queue, given_up, "refused", monkeypatch)
+        error = give_up_on(dead_lettering, queue, given_up, "refused", monkeypatch)
         assert "in this thread's open transaction" in error
         assert DeadLetter.objects.filter(message_id=given_up.message_id).exists()
     assert time.monotonic() - started < 10, "it waited for SQLite's lock"
