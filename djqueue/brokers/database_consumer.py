@@ -52,7 +52,8 @@ BATCH_WINDOW = 0.005
 # Seconds a consumer's own PostgreSQL connection may take to connect (unless the alias's
 # OPTIONS say otherwise).
 CONNECT_TIMEOUT = 10
-# Put before each statement of a consumer on PostgreSQL, in the same query string. Claims,
+# Put before each statement of a consumer on PostgreSQL but its claim (which says it
+# itself: CLAIM_ASYNC_COMMIT in database_sql.py), in the same query string. Claims,
 # acks and heartbeats need not wait for the WAL to reach the disk: if the server crashes
 # and loses the last of them, the message is delivered again, as at-least-once allows.
 # LOCAL, for the statement's own transaction: a session setting would outlive it, and a
@@ -60,6 +61,16 @@ CONNECT_TIMEOUT = 10
 # whose commits would then be asynchronous too. Enqueues (on the caller's connection)
 # stay durable.
 ASYNC_COMMIT = "SET LOCAL synchronous_commit TO OFF; "
+# With LISTEN on, a consumer's connection is the server's own (LISTEN needs one; behind
+# a transaction-mode pooler the docs turn it off), and its claim, one statement, is
+# prepared there: PostgreSQL then plans it once per connection instead of on every
+# claim, about half a millisecond after an idle pause, on every job's way to a worker.
+# Only the claim: Django turns psycopg's preparing off (prepare_threshold None), and
+# this asks for it statement by statement.
+PREPARE_WHEN_ASKED = 1 << 30
+# SQLSTATEs of a server that lost the prepared claim, or already has one of that name:
+# what a transaction-mode pooler does to prepared statements.
+LOST_PREPARED = {"26000", "42P05"}
 # The longest close() waits (s) for another thread's ack deletion to finish.
 CLOSE_WAIT = 10.0
 # A PostgreSQL queue that just ran dry is asked when its next message comes due this
@@ -75,8 +86,10 @@ class Connection:
     worker thread. Usable from any thread, one at a time.
     """
 
-    def __init__(self, alias: str) -> None:
+    def __init__(self, alias: str, *, prepare: bool = False) -> None:
         self.alias = alias
+        # Whether claims are prepared on the server (PostgreSQL with psycopg 3 only).
+        self.prepare = prepare
         self.lock = threading.Lock()
         self.wrapper: Any = None
         self.postgresql = self.psycopg3 = False
@@ -89,7 +102,9 @@ class Connection:
         self.busy_since: float | None = None
         self.sock: socket.socket | None = None
 
-    def run(self, work: Callable[[Any], T]) -> T:
+    def run(self, work: Callable[[Any], T], *, claim: bool = False) -> T:
+        """``work(cursor)`` on this connection. ``claim``: the work is a claim, whose one
+        statement commits asynchronously by itself, prepared where ``prepare`` says."""
         with self.lock:
             if self.closed:
                 raise InterfaceError("the consumer is closed")
@@ -99,7 +114,17 @@ class Connection:
                 if self.wrapper is None:
                     self._connect()
                 with self.wrapper.cursor() as cursor:
-                    return work(_AsyncCommit(cursor, self.psycopg3) if self.postgresql else cursor)
+                    if not self.postgresql:
+                        return work(cursor)
+                    if not claim:
+                        return work(_AsyncCommit(cursor, self.psycopg3))
+                    if not (self.prepare and self.psycopg3):
+                        return work(cursor)
+                    import psycopg
+
+                    raw = psycopg.Cursor(self.wrapper.connection)
+                    with self.wrapper.make_cursor(_Preparing(raw)) as prepared:
+                        return work(prepared)
             except (DatabaseError, InterfaceError) as e:
                 # InterfaceError is not a DatabaseError in Django (PEP 249 siblings); a
                 # driver raises it for a connection it closed: reconnect too.
@@ -120,6 +145,8 @@ class Connection:
 
         self.psycopg3 = is_psycopg3
         self.wrapper.ensure_connection()
+        if self.prepare and is_psycopg3:
+            self.wrapper.connection.prepare_threshold = PREPARE_WHEN_ASKED
         try:
             sock = socket.socket(fileno=os.dup(self.wrapper.connection.fileno()))
         except OSError:  # out of descriptors, say: this connection goes unwatched
@@ -195,6 +222,25 @@ class _AsyncCommit:
         return getattr(self.cursor, name)
 
 
+class _Preparing:
+    """A psycopg 3 server-side binding cursor that prepares each statement it runs (once
+    per connection); given to Django's cursor wrapper, for its errors and execute
+    wrappers."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        return self.cursor.execute(sql, params, prepare=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cursor, name)
+
+
+def _lost_prepared(error: BaseException) -> bool:
+    return getattr(error.__cause__, "sqlstate", None) in LOST_PREPARED
+
+
 def _own_connection(alias: str) -> Any:
     """A connection of the consumer's own, outside Django's connection pool (the
     ``"pool"`` option of PostgreSQL), which the consumer keeps for its lifetime."""
@@ -222,7 +268,7 @@ class DatabaseConsumer(Consumer):
         self.low_water = max(1, self.prefetch // 2)
         self.timeout = timeout / 1000
         self.owner = uuid.uuid4().hex
-        self.db = Connection(broker.alias)
+        self.db = Connection(broker.alias, prepare=broker.listen and broker.prepare_claims)
         self.cond = threading.Condition()
         self.held: set[int] = set()  # claimed and not settled, including those in ready
         self.isolated: int | None = None  # the held message delivered over ISOLATE_AFTER times
@@ -326,7 +372,7 @@ class DatabaseConsumer(Consumer):
             return version, claim(cursor)
 
         try:
-            version, (rows, due_at) = self.db.run(work)
+            version, (rows, due_at) = self.db.run(work, claim=True)
         except (DatabaseError, InterfaceError) as e:
             with self.cond:
                 self.acks[:0] = acks
@@ -381,6 +427,22 @@ class DatabaseConsumer(Consumer):
         if is_locked(error):
             # SQLite is busy: look again soon, with jitter so that claimers spread out.
             self._retry_in(random.uniform(0.01, 0.05))
+            return
+        if self.db.prepare and _lost_prepared(error):
+            # LISTEN on behind a transaction-mode pooler: each transaction may run on
+            # another server connection. Claim unprepared from now on (the connection
+            # was closed, so the next claim starts afresh) rather than fail every look.
+            self.db.prepare = False
+            if self.broker.prepare_claims:
+                self.broker.prepare_claims = False
+                logger.warning(
+                    "database broker: db://%s lost a prepared claim statement (%s); claims "
+                    "are no longer prepared. Behind a transaction-mode pooler (PgBouncer), "
+                    'set "listen": False in the broker OPTIONS',
+                    self.broker.alias,
+                    error,
+                )
+            self._retry_in(0)
             return
         if not isinstance(error, OperationalError | InterfaceError) or self.closed:
             raise BrokerError(

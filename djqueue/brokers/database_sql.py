@@ -23,6 +23,12 @@ FRESH = f"AND delivery_count < {ISOLATE_AFTER} "
 # The claim order: priority, then eta (or end of an abandoned lease), then age.
 ORDER = "ORDER BY priority DESC, available_at, id"
 LEASE = "lease_owner = %s, available_at = %s, delivery_count = delivery_count + 1"
+# PostgreSQL: a claim turns synchronous_commit off for its own transaction, as the
+# consumer's other statements do with ASYNC_COMMIT (database_consumer.py), but inside
+# the one statement, which can then be prepared. set_config(..., true) is SET LOCAL; a
+# filter without columns runs once, before the first row, even when no row is claimed
+# (an ack-only claim has deletes to commit).
+CLAIM_ASYNC_COMMIT = "WHERE (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
 
 
 class Claimed(NamedTuple):
@@ -115,7 +121,8 @@ class Statements:
         """Delete the acked rows and lease up to ``count`` due ones to ``owner`` until
         ``lease_end``, counting a delivery. ``fresh_only``: skip messages already
         delivered ISOLATE_AFTER times. ``next_due``: PostgreSQL also tells, when short,
-        when the queue's next row comes due, in the same round trip."""
+        when the queue's next row comes due, in the same round trip. On PostgreSQL it is
+        one statement, which commits asynchronously (CLAIM_ASYNC_COMMIT)."""
         fresh = FRESH if fresh_only else ""
         # The due rows, claim order first, and what a claimed row is reported as: its
         # delivery count and old available_at once leased, so that both vendors' rows
@@ -140,7 +147,7 @@ class Statements:
                 f"WITH {acked}claimed AS (SELECT id, available_at {due} FOR UPDATE SKIP LOCKED), "
                 f"leased AS (UPDATE {self.table} AS m SET {LEASE} FROM claimed WHERE m.id = claimed.id "
                 "RETURNING m.id, m.payload, m.delivery_count, m.priority, claimed.available_at) "
-                "SELECT * FROM leased"
+                f"SELECT * FROM leased {CLAIM_ASYNC_COMMIT}"
             )
             params = [*acked_params, *select, *lease]
             if next_due:

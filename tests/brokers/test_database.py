@@ -562,13 +562,13 @@ def test_behind_a_transaction_mode_pgbouncer_the_broker_leaves_other_clients_com
     connections["postgres"].close()  # this thread's sends go through the pooler too
     other = connections.create_connection("postgres")
 
-    def other_clients_setting() -> str:
+    def other_clients_view(query: str) -> Any:
         with other.cursor() as cursor:
-            cursor.execute("SHOW synchronous_commit")
+            cursor.execute(query)
             return cursor.fetchone()[0]
 
     try:
-        default = other_clients_setting()
+        default = other_clients_view("SHOW synchronous_commit")
         assert default != "off"
         consumer, second = claim_renew_requeue_and_ack(make(listen=False), queue)
         again = take(consumer)
@@ -576,10 +576,123 @@ def test_behind_a_transaction_mode_pgbouncer_the_broker_leaves_other_clients_com
         consumer.ack(again)
         consumer.flush_acks()
         assert rows("postgres", queue) == 0
-        assert other_clients_setting() == default, "another client's commits would not wait for the disk"
+        assert other_clients_view("SHOW synchronous_commit") == default, (
+            "another client's commits would not wait for the disk"
+        )
+        # A statement prepared there would clash with another client's of the same name.
+        assert other_clients_view("SELECT count(*) FROM pg_prepared_statements") == 0
     finally:
         other.close()
         connections["postgres"].close()
+
+
+def synchronous_commit_after(alias: str, claim: Callable[[Any], Any]) -> str:
+    """The setting seen right after ``claim(cursor)`` in the same transaction."""
+    with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+        claim(cursor)
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_every_kind_of_claim_commits_asynchronously_by_itself(alias, queue):
+    # A claim is one statement (so that it can be prepared) that turns synchronous_commit
+    # off for its own transaction: whether it leases rows, finds none, only deletes acks
+    # (which a synchronous commit would wait on the disk for), or asks when the next
+    # message is due.
+    sql = Statements("postgresql")
+    now = current_millis()
+
+    def row(message_id: str, owner: str | None = None) -> int:
+        created = QueuedMessage.objects.using(alias).create(
+            queue_name=queue,
+            message_id=message_id,
+            available_at=now - 1000 if owner is None else now + 30_000,
+            payload=b"{}",
+            created_at=now - 1000,
+            lease_owner=owner,
+        )
+        return created.id
+
+    def claim(acks: list[int], **options: Any) -> Callable[[Any], Any]:
+        return lambda cursor: sql.claim(cursor, queue, "owner-a", 5, now, now + 30_000, acks, **options)
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        default = cursor.fetchone()[0]
+    assert default != "off"
+    row("due")
+    assert synchronous_commit_after(alias, claim([])) == "off"  # leases a row
+    assert synchronous_commit_after(alias, claim([], next_due=True)) == "off"  # none; asks when
+    acked = row("acked", owner="owner-a")
+    assert synchronous_commit_after(alias, claim([acked])) == "off"  # deletes the ack only
+    assert not QueuedMessage.objects.using(alias).filter(id=acked).exists()
+    with connections[alias].cursor() as cursor:  # autocommit: the claim is a transaction
+        claim([])(cursor)
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == default  # for that transaction only
+
+
+def prepared_claims(consumer: database_consumer.DatabaseConsumer) -> int:
+    def count(cursor: Any) -> int:
+        query = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s"
+        cursor.execute(query, ["%set_config%"])
+        return cursor.fetchone()[0]
+
+    return consumer.db.run(count)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+@pytest.mark.parametrize("listen", [True, False])
+def test_a_listening_consumer_prepares_its_claim_once_on_its_own_connection(make, queue, listen):
+    # PostgreSQL plans a prepared claim once per connection instead of on every claim.
+    # Only with LISTEN on: behind a transaction-mode pooler, where the docs turn it off,
+    # a statement prepared on one server connection is missing from the next.
+    broker = make(listen=listen)
+    consumer = broker.consume(queue, prefetch=2, timeout=200)
+    for n in range(3):
+        broker.enqueue(message(queue, n))
+        proxy = take(consumer)
+        assert proxy.message.args == (n,)
+        consumer.ack(proxy)
+    consumer.flush_acks()
+    assert rows("postgres", queue) == 0
+    assert prepared_claims(consumer) == (2 if listen else 0)  # a claim with acks and one without
+    consumer.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("alias", ["postgres"])
+def test_a_consumer_whose_prepared_claim_is_lost_claims_unprepared_and_says_why(make, queue, caplog):
+    # What a transaction-mode pooler does to a listening consumer: the next transaction
+    # runs on another server connection, which never saw the prepared claim. The consumer
+    # must go on delivering, not fail every look.
+    broker = make()
+    consumer = broker.consume(queue, prefetch=1, timeout=200)
+    broker.enqueue(message(queue, 1))
+    consumer.ack(take(consumer))
+    consumer.flush_acks()  # the next claim has no acks to carry: the same statement
+    assert prepared_claims(consumer) == 1
+    consumer.db.run(lambda cursor: cursor.execute("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
+    broker.enqueue(message(queue, 2))
+    with caplog.at_level("WARNING", logger="djqueue.broker.database"):
+        proxy = take(consumer)
+    assert proxy.message.args == (2,)
+    consumer.ack(proxy)
+    consumer.flush_acks()
+    assert rows("postgres", queue) == 0
+    warnings = [r.getMessage() for r in caplog.records if "prepared claim" in r.getMessage()]
+    assert len(warnings) == 1 and '"listen": False' in warnings[0], warnings
+    assert prepared_claims(consumer) == 0  # a new connection, claiming unprepared
+    later = broker.consume(queue, prefetch=1, timeout=200)  # the broker's other consumers too
+    broker.enqueue(message(queue, 3))
+    consumer.close()
+    consumer3 = take(later)
+    assert consumer3.message.args == (3,)
+    assert prepared_claims(later) == 0
+    later.close()
 
 
 CLAIM_AND_HANG = """
