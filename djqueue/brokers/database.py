@@ -80,7 +80,8 @@ class DatabaseBroker(Broker):
         self.lease = lease
         self.poll_interval = poll_interval
         self.listen = bool(listen) and self.vendor == "postgresql" and _has_psycopg()
-        # Consumers prepare their claims (with LISTEN on), until the server loses one.
+        # Consumers prepare their claims (with LISTEN on), until the server loses one;
+        # read by every claim, so that all of them stop at once.
         self.prepare_claims = True
         self.sql = Statements(self.vendor)
         self._lock = threading.Lock()

@@ -86,13 +86,13 @@ class Connection:
     worker thread. Usable from any thread, one at a time.
     """
 
-    def __init__(self, alias: str, *, prepare: bool = False) -> None:
+    def __init__(self, alias: str) -> None:
         self.alias = alias
-        # Whether claims are prepared on the server (PostgreSQL with psycopg 3 only).
-        self.prepare = prepare
         self.lock = threading.Lock()
         self.wrapper: Any = None
         self.postgresql = self.psycopg3 = False
+        # psycopg 3's server-side binding cursor class, which can prepare (set on connect).
+        self.server_cursor: Any = None
         self.closed = False
         # For cut_if_stuck(), from another thread, under cut_lock: when the call in
         # progress started (None: no call), and a duplicate of the PostgreSQL socket
@@ -102,9 +102,10 @@ class Connection:
         self.busy_since: float | None = None
         self.sock: socket.socket | None = None
 
-    def run(self, work: Callable[[Any], T], *, claim: bool = False) -> T:
+    def run(self, work: Callable[[Any], T], *, claim: bool = False, prepare: bool = False) -> T:
         """``work(cursor)`` on this connection. ``claim``: the work is a claim, whose one
-        statement commits asynchronously by itself, prepared where ``prepare`` says."""
+        statement commits asynchronously by itself; ``prepare``: prepare it on the
+        server (psycopg 3 only)."""
         with self.lock:
             if self.closed:
                 raise InterfaceError("the consumer is closed")
@@ -118,11 +119,9 @@ class Connection:
                         return work(cursor)
                     if not claim:
                         return work(_AsyncCommit(cursor, self.psycopg3))
-                    if not (self.prepare and self.psycopg3):
+                    if not (prepare and self.server_cursor):
                         return work(cursor)
-                    import psycopg
-
-                    raw = psycopg.Cursor(self.wrapper.connection)
+                    raw = self.server_cursor(self.wrapper.connection)
                     with self.wrapper.make_cursor(_Preparing(raw)) as prepared:
                         return work(prepared)
             except (DatabaseError, InterfaceError) as e:
@@ -145,7 +144,10 @@ class Connection:
 
         self.psycopg3 = is_psycopg3
         self.wrapper.ensure_connection()
-        if self.prepare and is_psycopg3:
+        if is_psycopg3:
+            import psycopg
+
+            self.server_cursor = psycopg.Cursor
             self.wrapper.connection.prepare_threshold = PREPARE_WHEN_ASKED
         try:
             sock = socket.socket(fileno=os.dup(self.wrapper.connection.fileno()))
@@ -268,7 +270,7 @@ class DatabaseConsumer(Consumer):
         self.low_water = max(1, self.prefetch // 2)
         self.timeout = timeout / 1000
         self.owner = uuid.uuid4().hex
-        self.db = Connection(broker.alias, prepare=broker.listen and broker.prepare_claims)
+        self.db = Connection(broker.alias)
         self.cond = threading.Condition()
         self.held: set[int] = set()  # claimed and not settled, including those in ready
         self.isolated: int | None = None  # the held message delivered over ISOLATE_AFTER times
@@ -372,7 +374,8 @@ class DatabaseConsumer(Consumer):
             return version, claim(cursor)
 
         try:
-            version, (rows, due_at) = self.db.run(work, claim=True)
+            prepare = self.broker.listen and self.broker.prepare_claims
+            version, (rows, due_at) = self.db.run(work, claim=True, prepare=prepare)
         except (DatabaseError, InterfaceError) as e:
             with self.cond:
                 self.acks[:0] = acks
@@ -428,11 +431,12 @@ class DatabaseConsumer(Consumer):
             # SQLite is busy: look again soon, with jitter so that claimers spread out.
             self._retry_in(random.uniform(0.01, 0.05))
             return
-        if self.db.prepare and _lost_prepared(error):
+        if _lost_prepared(error):
             # LISTEN on behind a transaction-mode pooler: each transaction may run on
-            # another server connection. Claim unprepared from now on (the connection
-            # was closed, so the next claim starts afresh) rather than fail every look.
-            self.db.prepare = False
+            # another server connection. Every consumer of the broker claims unprepared
+            # from now on (this one's connection was closed, so its next claim starts
+            # afresh) rather than fail every look; one that was claiming meanwhile
+            # fails once, here, and looks again at once too.
             if self.broker.prepare_claims:
                 self.broker.prepare_claims = False
                 logger.warning(

@@ -667,32 +667,56 @@ def test_a_listening_consumer_prepares_its_claim_once_on_its_own_connection(make
 @pytest.mark.parametrize("alias", ["postgres"])
 def test_a_consumer_whose_prepared_claim_is_lost_claims_unprepared_and_says_why(make, queue, caplog):
     # What a transaction-mode pooler does to a listening consumer: the next transaction
-    # runs on another server connection, which never saw the prepared claim. The consumer
-    # must go on delivering, not fail every look.
+    # runs on another server connection, which never saw the prepared claim. The
+    # consumers must go on delivering, not fail every look, and all of the broker's
+    # consumers stop preparing, not each only once it has failed too.
     broker = make()
-    consumer = broker.consume(queue, prefetch=1, timeout=200)
-    broker.enqueue(message(queue, 1))
-    consumer.ack(take(consumer))
-    consumer.flush_acks()  # the next claim has no acks to carry: the same statement
-    assert prepared_claims(consumer) == 1
-    consumer.db.run(lambda cursor: cursor.execute("DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"))
-    broker.enqueue(message(queue, 2))
+    consumers = {name: broker.consume(name, prefetch=1, timeout=200) for name in (queue, f"{queue}_b")}
+    for name, consumer in consumers.items():
+        broker.enqueue(message(name, 1))
+        consumer.ack(take(consumer))
+        consumer.flush_acks()  # the next claim has no acks to carry: the same statement
+        assert prepared_claims(consumer) == 1
+        consumer.db.run(lambda cursor: cursor.execute(DEALLOCATE_BEHIND_PSYCOPGS_BACK))
+    first, second = consumers.values()
+
+    def backend(consumer: database_consumer.DatabaseConsumer) -> int:
+        def pid(cursor: Any) -> int:
+            cursor.execute("SELECT pg_backend_pid()")
+            return cursor.fetchone()[0]
+
+        return consumer.db.run(pid)
+
     with caplog.at_level("WARNING", logger="djqueue.broker.database"):
-        proxy = take(consumer)
-    assert proxy.message.args == (2,)
-    consumer.ack(proxy)
-    consumer.flush_acks()
-    assert rows("postgres", queue) == 0
+        broker.enqueue(message(queue, 2))
+        proxy = take(first)
+        assert proxy.message.args == (2,)
+        first.ack(proxy)
+        first.flush_acks()
+        assert prepared_claims(first) == 0  # a new connection, claiming unprepared
+        # The other consumer claims unprepared on the connection it has: a prepared
+        # claim there would fail and reconnect.
+        pid = backend(second)
+        broker.enqueue(message(f"{queue}_b", 2))
+        proxy = take(second)
+        assert proxy.message.args == (2,)
+        second.ack(proxy)
+        second.flush_acks()
+        assert backend(second) == pid
+    assert rows("postgres", queue) == rows("postgres", f"{queue}_b") == 0
     warnings = [r.getMessage() for r in caplog.records if "prepared claim" in r.getMessage()]
     assert len(warnings) == 1 and '"listen": False' in warnings[0], warnings
-    assert prepared_claims(consumer) == 0  # a new connection, claiming unprepared
-    later = broker.consume(queue, prefetch=1, timeout=200)  # the broker's other consumers too
-    broker.enqueue(message(queue, 3))
-    consumer.close()
-    consumer3 = take(later)
-    assert consumer3.message.args == (3,)
+    later = broker.consume(f"{queue}_c", prefetch=1, timeout=200)
+    broker.enqueue(message(f"{queue}_c", 3))
+    later.ack(take(later))
     assert prepared_claims(later) == 0
-    later.close()
+    for consumer in (first, second, later):
+        consumer.close()
+
+
+# psycopg forgets its prepared statements when it sees DEALLOCATE ALL go by, not when a
+# function runs it: as when a pooler hands over another server connection.
+DEALLOCATE_BEHIND_PSYCOPGS_BACK = "DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$"
 
 
 CLAIM_AND_HANG = """
