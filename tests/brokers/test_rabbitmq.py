@@ -711,7 +711,9 @@ class Rollback(Exception):
 def give_up_on(dead_lettering, queue: str, given_up: Message, failure: str, monkeypatch) -> str | None:
     """Make the publisher give up on ``given_up`` in this thread (the test holds its lock,
     which keeps the sweeper off), returned as unroutable or refused every time; the
-    error a refusal raises."""
+    error a refusal raises. ``given_up`` is put in the outbox as a message whose own send
+    returned earlier: a send that went on to see all three refusals itself (RabbitMQ can
+    answer that fast) would be told of its own message instead, a case of its own."""
     broker, publisher = dead_lettering
     exchange = b""
     if failure == "returned":
@@ -721,7 +723,7 @@ def give_up_on(dead_lettering, queue: str, given_up: Message, failure: str, monk
         connection.close()
     else:
         exchange = NO_SUCH_EXCHANGE
-    publisher.publish([Pending(queue, exchange, queue.encode(), given_up.encode(), 0)], 1000)
+    publisher.outbox.append(Pending(queue, exchange, queue.encode(), given_up.encode(), 0))
     if failure == "returned":
         publisher.publish([], 1)  # what flush() does
         return
